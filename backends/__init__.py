@@ -1,0 +1,1 @@
+"""Deployment targets: ONNX export and lint, ONNX Runtime, TensorRT (installed as ``qatgraph.backends``)."""

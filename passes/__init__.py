@@ -1,0 +1,1 @@
+"""Graph passes run by ``qatgraph.compile`` (installed as ``qatgraph.passes``)."""

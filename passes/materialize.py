@@ -1,0 +1,77 @@
+"""Pass 5 — materialize annotations into quantizer modules.
+
+Expects: a fully annotated graph (annotate, skip, residual).
+Guarantees:
+* one :class:`FakeQuantizer` per annotated tensor (or per scale group: Concat inputs and output
+  share one module), registered under ``quantizers.<tensor name>`` and called once, right after
+  the producer; only the annotated consumer edges read the quantized tensor, every other
+  consumer keeps the original (TensorRT rule 5: one Q/DQ per tensor, shared);
+* every quantized Conv/ConvTranspose/Linear module is swapped in place for its quantized class
+  with a per-channel weight quantizer (parameter names unchanged), calibrated from its weight;
+* the GraphModule is recompiled and lints clean.
+Quantizer names depend only on the graph, so a fresh compile of the same model and policy
+loads a trained model's ``state_dict``.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from qatgraph.annotations import TENSOR_KEY, op_annotation, tensor_annotation
+from qatgraph.graph_ops import node_module
+from qatgraph.policy import Policy
+from qatgraph.qmodules import quantize_module
+from qatgraph.quantizer import FakeQuantizer
+
+QUANTIZER_KEY = "qatgraph.quantizer"
+
+
+def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
+    prefix = gm.meta.get("qatgraph_prefix", "")
+    device = next((p.device for p in gm.parameters()), None)
+    container = _container_name(gm)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    last_placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][-1:] or [None]
+    by_group: dict[str, str] = {}
+    for node in list(gm.graph.nodes):
+        annotation = tensor_annotation(node)
+        if annotation is None or not annotation.edges:
+            continue
+        group = annotation.group or node.name
+        target = by_group.get(group)
+        if target is None:
+            target = by_group[group] = f"{container}.{group}"
+            qualified = f"{prefix}.{target}" if prefix else target
+            quantizer = FakeQuantizer(annotation.spec, name=qualified)
+            gm.add_submodule(target, quantizer.to(device) if device is not None else quantizer)
+        anchor = last_placeholder[0] if node.op == "placeholder" else node
+        with gm.graph.inserting_after(anchor):
+            quantized = gm.graph.call_module(target, (node,))
+        quantized.meta[QUANTIZER_KEY] = target
+        quantized.meta["tensor_meta"] = node.meta.get("tensor_meta")
+        for consumer_name in dict.fromkeys(edge.consumer for edge in annotation.edges):
+            nodes[consumer_name].replace_input_with(node, quantized)
+        if node.op == "placeholder":
+            last_placeholder = [quantized]
+    for node in gm.graph.nodes:
+        annotation = op_annotation(node)
+        module = node_module(gm, node)
+        if annotation is not None and annotation.quantized and module is not None:
+            quantize_module(module, annotation.weight_spec, annotation.layer)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _container_name(gm: fx.GraphModule) -> str:
+    name = "quantizers"
+    while hasattr(gm, name) and not isinstance(getattr(gm, name), nn.Module):
+        name = "qatgraph_" + name
+    return name
+
+
+def quantizer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if QUANTIZER_KEY in n.meta]
+
+
+__all__ = ["run", "quantizer_nodes", "QUANTIZER_KEY", "TENSOR_KEY"]

@@ -1,0 +1,107 @@
+"""``qatgraph.calibrate``: post-training calibration of activation scales (the QAT starting point)."""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CalibrationError
+from .progress import progress
+from .quantizer import FakeQuantizer, iter_quantizers
+
+log = logging.getLogger(__name__)
+
+
+def run_batch(model: nn.Module, batch: Any, device: torch.device | None) -> Any:
+    """Call ``model`` on one batch: a tensor, a tuple/list of forward's arguments, or a dict of kwargs."""
+    batch = _to_device(batch, device)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    raise CalibrationError(f"a calibration batch must be a tensor, a tuple/list of tensors or a dict of keyword "
+                           f"arguments, not {type(batch).__name__}; use input_fn= to extract the inputs")
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    return next((p.device for p in model.parameters()), None)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None = None, *,
+              input_fn: Callable[[Any], Any] | None = None, show_progress: bool = True) -> dict[str, float]:
+    """Calibrate every enabled activation quantizer of a compiled model from ``batches``.
+
+    ``batches`` is any iterable of input batches (a tensor, a tuple of forward's arguments, or
+    a dict of keyword arguments); ``input_fn`` maps each item to such a batch (e.g.
+    ``lambda b: b[0]`` for a loader of ``(inputs, labels)``). Runs in eval mode without
+    gradients; at most ``num_batches`` batches. Weight scales are recomputed from the current
+    weights. Scales change only if every quantizer calibrates successfully. Returns each
+    activation quantizer's amax (its clipping threshold).
+    """
+    if num_batches is not None and num_batches <= 0:
+        raise CalibrationError(f"num_batches={num_batches}: use a positive number of batches (or None for all)")
+    quantizers = [(n, q) for n, q in iter_quantizers(model) if q.is_enabled]
+    activations = [(n, q) for n, q in quantizers if not q.is_weight]
+    for _, quantizer in quantizers:
+        if quantizer.is_weight:
+            _recalibrate_weight(model, quantizer)
+    if not activations:
+        log.warning("qatgraph.calibrate: the model has no enabled activation quantizer; nothing to calibrate")
+        return {}
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    for _, quantizer in activations:
+        quantizer.start_calibration()
+    seen = 0
+    try:
+        stream = itertools.islice(batches, num_batches) if num_batches is not None else batches
+        total = num_batches if num_batches is not None else _length(batches)
+        for item in progress(stream, total=total, desc="calibrating", unit="batch", enabled=show_progress):
+            run_batch(model, input_fn(item) if input_fn is not None else item, device)
+            seen += 1
+        if seen == 0:
+            raise CalibrationError("the calibration data yielded no batches: pass a non-empty iterable of input "
+                                   "batches (e.g. a DataLoader or a list of tensors)")
+        ranges = [(q, q.collected_range()) for _, q in activations]  # all or nothing
+    finally:
+        for _, quantizer in activations:
+            quantizer.stop_calibration()
+        model.train(was_training)
+    for quantizer, (lo, hi) in ranges:
+        quantizer.set_range(lo, hi)
+    log.info("qatgraph.calibrate: %d activation quantizers calibrated from %d batches", len(activations), seen)
+    return {name: float(q.amax().max()) for name, q in activations}
+
+
+def _recalibrate_weight(model: nn.Module, quantizer: FakeQuantizer) -> None:
+    for module in model.modules():
+        if getattr(module, "weight_quantizer", None) is quantizer:
+            quantizer.calibrate_from(module.weight.detach())
+            return
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None

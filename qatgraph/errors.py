@@ -1,0 +1,59 @@
+"""Every exception qatgraph raises on purpose.
+
+Each message says what was wrong, where (module, node, quantizer or option) and what to do.
+Catch :class:`QatgraphError` to handle all of them.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class QatgraphError(Exception):
+    """Base class of every error raised by qatgraph."""
+
+
+class PolicyError(QatgraphError, ValueError):
+    """The quantization policy is invalid: unknown key, bad value, impossible combination,
+    or a rule that matches nothing."""
+
+
+class TraceError(QatgraphError):
+    """The model could not be traced with torch.fx (and partial tracing could not help)."""
+
+
+class CalibrationError(QatgraphError):
+    """Calibration could not produce scales: empty data, NaN/Inf values, bad batch shape."""
+
+
+class NotCalibratedError(QatgraphError, RuntimeError):
+    """A quantizer was asked to fake-quantize before it had a scale."""
+
+
+class ExportError(QatgraphError):
+    """Exporting the QAT model (ONNX, engine) failed."""
+
+
+class BackendUnavailableError(QatgraphError, RuntimeError):
+    """An optional backend (TensorRT, a GPU, Triton) is not available on this machine."""
+
+
+class SensitivityError(QatgraphError):
+    """Sensitivity analysis got input it cannot work with."""
+
+
+def did_you_mean(value: str, choices: Iterable[str], limit: int = 3) -> str:
+    """A short suffix suggesting close matches, e.g. `` (did you mean 'layer1.conv1'?)``."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=limit, cutoff=0.5)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def listing(choices: Iterable[str], limit: int = 12) -> str:
+    """Comma-separated list of at most ``limit`` items, with a count of the rest."""
+    items = sorted(str(c) for c in choices)
+    shown = ", ".join(items[:limit])
+    if len(items) > limit:
+        shown += f", ... ({len(items) - limit} more)"
+    return shown

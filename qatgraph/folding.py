@@ -1,0 +1,118 @@
+"""Exact BatchNorm folding into the preceding Conv/ConvTranspose/Linear.
+
+``y = gamma * (conv(x, w) + b - mean) / sqrt(var + eps) + beta`` equals ``conv(x, w * k) +
+(b - mean) * k + beta`` with ``k = gamma / sqrt(var + eps)`` per output channel. When the weight
+is fake-quantized per output channel with scale ``s``, folding multiplies the scale by ``|k|``:
+``round(w * k / (s * |k|)) = sign(k) * round(w / s)`` and the clamp range is symmetric
+(narrow range), so the folded model quantizes to exactly the same values, negative gammas
+included. Used by the fuse pass (``bn: fold``) and by exporters (``bn: train``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .graph_ops import BATCHNORM_TYPES, node_module
+from .qmodules import CONV_TRANSPOSE_TYPES, op_kind
+from .quantizer import FakeQuantizer
+
+log = logging.getLogger(__name__)
+
+
+def bn_factor(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel multiplier ``k`` and offset so that ``bn(z) = z * k + offset``."""
+    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
+    factor = gamma * inv_std
+    return factor, beta - bn.running_mean.double() * factor
+
+
+def can_fold(bn: nn.Module) -> str | None:
+    """None if ``bn`` can be folded, else why not."""
+    if not isinstance(bn, BATCHNORM_TYPES):
+        return f"{type(bn).__name__} is not a BatchNorm"
+    if not bn.track_running_stats or bn.running_var is None:
+        return "BatchNorm has track_running_stats=False (it always normalizes with batch statistics)"
+    return None
+
+
+@torch.no_grad()
+def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold ``bn`` into ``layer`` in place (weight, bias, and per-channel weight scale if any)."""
+    factor, offset = bn_factor(bn)
+    weight = layer.weight
+    if isinstance(layer, CONV_TRANSPOSE_TYPES):
+        groups = layer.groups
+        # weight is [in, out/groups, *kernel]; output channel g*(out/groups)+j lives in group g, column j
+        grouped = weight.double().reshape((groups, weight.shape[0] // groups) + tuple(weight.shape[1:]))
+        new_weight = (grouped * factor.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))).reshape(weight.shape)
+    else:
+        new_weight = weight.double() * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(factor)
+    new_bias = bias * factor + offset
+    weight.copy_(new_weight.to(weight.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias.to(weight.dtype))
+    else:
+        layer.bias.copy_(new_bias.to(layer.bias.dtype))
+    quantizer = getattr(layer, "weight_quantizer", None)
+    if isinstance(quantizer, FakeQuantizer) and quantizer.is_calibrated:
+        _fold_weight_scale(quantizer, factor, layer)
+
+
+def _fold_weight_scale(quantizer: FakeQuantizer, factor: torch.Tensor, layer: nn.Module) -> None:
+    magnitude = factor.abs().clamp_min(1e-30)
+    if quantizer.axis is not None and quantizer.scale.numel() == magnitude.numel():
+        quantizer.scale.data.copy_((quantizer.scale.double() * magnitude).to(quantizer.scale.dtype))
+        return
+    # Per-tensor scales (or grouped ConvTranspose, whose weight axis 1 holds out/groups channels)
+    # cannot absorb a per-output-channel factor exactly: recalibrate from the folded weight.
+    log.warning("qatgraph: folding BN into %s is not exact with this weight granularity; "
+                "use per-channel weight quantization (groups=1 for ConvTranspose) for exact folding", quantizer.name)
+    quantizer.calibrate_from(layer.weight.detach())
+
+
+def foldable_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """(weighted-op node, BN node) pairs where the BN is the only user of the op's output."""
+    pairs = []
+    for node in gm.graph.nodes:
+        bn = node_module(gm, node)
+        if bn is None or not isinstance(bn, BATCHNORM_TYPES) or can_fold(bn) is not None:
+            continue
+        producer = node.args[0] if node.args else None
+        if not isinstance(producer, fx.Node) or len(producer.users) != 1:
+            continue
+        layer = node_module(gm, producer)
+        if layer is None or op_kind(layer) is None:
+            continue
+        if op_kind(layer) == "linear" and not _is_2d(producer):
+            continue  # BatchNorm1d normalizes dim 1; only a 2-D Linear output has features there
+        if layer.weight.shape[1 if isinstance(layer, CONV_TRANSPOSE_TYPES) else 0] * \
+                (layer.groups if isinstance(layer, CONV_TRANSPOSE_TYPES) else 1) != bn.num_features:
+            continue
+        pairs.append((producer, node))
+    return pairs
+
+
+def _is_2d(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape") and len(meta.shape) == 2
+
+
+def fold_graph_batchnorm(gm: fx.GraphModule) -> list[str]:
+    """Fold every foldable BN of ``gm`` into its producer and remove it; returns the folded BN names."""
+    folded = []
+    for producer, bn_node in foldable_pairs(gm):
+        fold_bn_into(node_module(gm, producer), node_module(gm, bn_node))
+        bn_node.replace_all_uses_with(producer)
+        gm.graph.erase_node(bn_node)
+        folded.append(str(bn_node.target))
+    if folded:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return folded

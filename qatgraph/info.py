@@ -1,0 +1,81 @@
+"""What ``compile`` decided, kept on the compiled model as ``model.qatgraph_info``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch.fx as fx
+from torch import nn
+
+if TYPE_CHECKING:
+    from .annotations import OpAnnotation
+    from .policy import Policy
+    from .tracing import TraceReport
+
+
+class QatgraphWarning(UserWarning):
+    """Warnings qatgraph emits (nothing quantized, inexact folding, ...)."""
+
+
+@dataclass
+class LayerDecision:
+    """One weighted layer: quantized or not, and the rule that decided it."""
+
+    layer: str
+    kind: str
+    type_name: str
+    quantized: bool
+    reason: str
+    eager: bool = False
+    input_quantizers: list[str] = field(default_factory=list)
+    frozen: str = ""
+
+    @property
+    def weight_quantizer(self) -> str | None:
+        return f"{self.layer}.weight_quantizer" if self.quantized and self.kind != "matmul" else None
+
+    @classmethod
+    def from_annotation(cls, annotation: OpAnnotation, region: fx.GraphModule, node: fx.Node) -> LayerDecision:
+        prefix = region.meta.get("qatgraph_prefix", "")
+        inputs = []
+        for arg in node.args:
+            if isinstance(arg, fx.Node) and "qatgraph.quantizer" in arg.meta:
+                target = arg.meta["qatgraph.quantizer"]
+                inputs.append(f"{prefix}.{target}" if prefix else target)
+        if node.op == "call_module":
+            type_name = type(region.get_submodule(str(node.target))).__name__
+        else:
+            type_name = getattr(node.target, "__name__", str(node.target))
+        return cls(annotation.layer, annotation.kind, type_name, annotation.quantized, annotation.reason,
+                   input_quantizers=inputs)
+
+
+@dataclass
+class CompileInfo:
+    policy: Policy
+    trace_report: TraceReport
+    layers: list[LayerDecision]
+
+    def layer(self, name: str) -> LayerDecision:
+        for decision in self.layers:
+            if decision.layer == name:
+                return decision
+        raise KeyError(name)
+
+    @property
+    def quantized_layers(self) -> list[str]:
+        return [d.layer for d in self.layers if d.quantized]
+
+    @property
+    def skipped_layers(self) -> list[str]:
+        return [d.layer for d in self.layers if not d.quantized]
+
+
+def compile_info(model: nn.Module) -> CompileInfo:
+    from .errors import QatgraphError
+
+    info = getattr(model, "qatgraph_info", None)
+    if info is None:
+        raise QatgraphError(f"{type(model).__name__} was not produced by qatgraph.compile "
+                            "(it has no qatgraph_info); compile it first")
+    return info

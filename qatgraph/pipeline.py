@@ -1,0 +1,163 @@
+"""``qatgraph.compile``: trace, then run the passes in one explicit order.
+
+The order differs slightly from the product overview on purpose: every decision is an
+annotation until ``materialize``, so the skip pass runs *before* the residual pass (a skipped
+conv must not pull a quantizer onto its residual skip input), and one pass turns the final
+annotations into modules:
+
+    fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from qatgraph.passes import annotate, fuse, materialize, residual, skip
+
+from .annotations import op_annotation
+from .errors import QatgraphError, TraceError
+from .info import CompileInfo, LayerDecision, QatgraphWarning
+from .policy import Policy
+from .qmodules import op_kind, quantize_module
+from .tracing import trace_model
+
+log = logging.getLogger(__name__)
+
+GraphPass = Callable[[fx.GraphModule, Policy], fx.GraphModule]
+PASSES: list[tuple[str, GraphPass]] = [
+    ("fuse", fuse.run),
+    ("annotate", annotate.run),
+    ("skip", skip.run),
+    ("residual", residual.run),
+    ("materialize", materialize.run),
+]
+
+
+def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
+            example_inputs: Any = None) -> nn.Module:  # noqa: A001 - the public name users expect
+    """Return a QAT copy of ``model`` quantized by ``policy`` (the original is not modified).
+
+    ``policy`` is a preset name (``"tensorrt"``, ``"onnxruntime"``), a :class:`Policy`, a dict
+    or a YAML path. ``example_inputs`` (a tensor or a tuple of forward's arguments) enables
+    shape-based decisions (tiny GEMMs, Linear-BN folding). The result trains in any PyTorch
+    loop; call :func:`qatgraph.calibrate` before training or evaluating it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qatgraph.compile expects an nn.Module, got {type(model).__name__}")
+    policy = Policy.from_any(policy)
+    example_args = _as_args(example_inputs)
+    original_types = {name: type(m) for name, m in model.named_modules() if name}
+    work = copy.deepcopy(model)
+    was_training = work.training
+    root, report = trace_model(work, policy)
+    regions = _graph_regions(root)
+    if not regions and not _eager_layers(root, regions):
+        raise TraceError("torch.fx could not trace any part of the model and it has no Conv/Linear layer to "
+                         "quantize module-wise. " + "; ".join(u.describe() for u in report.untraced))
+    if example_args is not None:
+        _propagate_shapes(root, regions, example_args)
+    decisions: list[LayerDecision] = []
+    matmul_layers: dict[str, type] = {}
+    for prefix, region in regions:
+        for name, graph_pass in PASSES:
+            log.debug("qatgraph: pass %s on %s", name, prefix or "<root>")
+            graph_pass(region, policy)
+        for node in region.graph.nodes:
+            annotation = op_annotation(node)
+            if annotation is not None:
+                decisions.append(LayerDecision.from_annotation(annotation, region, node))
+                if annotation.kind == "matmul":
+                    matmul_layers[annotation.layer] = annotate.MatMul
+    decisions += _quantize_eager_layers(root, regions, policy, report)
+    policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
+    root.train(was_training)
+    info = CompileInfo(policy=policy, trace_report=report, layers=decisions)
+    root.qatgraph_info = info
+    root.trace_report = report
+    if not any(d.quantized for d in decisions):
+        warnings.warn("qatgraph.compile quantized no layer: the model has no Conv/ConvTranspose/Linear/matmul that "
+                      "the policy quantizes (see qatgraph.summary for why each was skipped). The model is returned "
+                      "unchanged in function.", QatgraphWarning, stacklevel=2)
+    return root
+
+
+def _as_args(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor or a tuple of forward's positional arguments, "
+                    f"not {type(example_inputs).__name__}")
+
+
+def _graph_regions(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """Traced GraphModules (the root itself, or the largest traced submodules)."""
+    if isinstance(root, fx.GraphModule) and root.meta.get("qatgraph_prefix", None) == "":
+        return [("", root)]
+    regions = []
+    for name, module in root.named_modules():
+        if isinstance(module, fx.GraphModule) and "qatgraph_prefix" in module.meta and \
+                not any(name.startswith(p + ".") for p, _ in regions):
+            regions.append((name, module))
+    return regions
+
+
+def _eager_layers(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]]) -> list[tuple[str, nn.Module]]:
+    if any(prefix == "" for prefix, _ in regions):
+        return []  # the whole model is one graph
+    inside = tuple(p + "." for p, _ in regions)
+    return [(name, m) for name, m in root.named_modules()
+            if name and op_kind(m) is not None and not name.startswith(inside) and name not in dict(regions)]
+
+
+def _quantize_eager_layers(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]], policy: Policy,
+                           report: Any) -> list[LayerDecision]:
+    """Module-wise quantization (weight + own input quantizer) for layers torch.fx did not reach."""
+    decisions = []
+    for name, module in _eager_layers(root, regions):
+        kind = op_kind(module)
+        resolved = policy.resolve(name, type(module))
+        tiny = annotate.tiny_reason(kind, module, None, policy.min_channels)  # type: ignore[arg-type]
+        if kind not in policy.quantize or resolved.skip_rule or tiny:
+            why = ("skipped by " + resolved.skip_rule) if resolved.skip_rule else tiny or f"{kind} not in policy.quantize"
+            decisions.append(LayerDecision(name, kind, type(module).__name__, False, why, eager=True))
+            continue
+        quantize_module(module, resolved.weight, name, input_spec=resolved.activation)
+        report.eager_layers.append(name)
+        decisions.append(LayerDecision(name, kind, type(module).__name__, True,
+                                       "quantized module-wise (outside the traced graph)", eager=True,
+                                       input_quantizers=[f"{name}.input_quantizer"]))
+    return decisions
+
+
+def _propagate_shapes(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]], example_args: tuple) -> None:
+    """Record tensor shapes on every node (``tensor_meta``) by running the example inputs."""
+    captured: dict[str, tuple] = {}
+    hooks = [region.register_forward_pre_hook(
+        lambda _m, args, _name=name: captured.setdefault(_name, args)) for name, region in regions]
+    was_training = root.training
+    try:
+        root.eval()
+        with torch.no_grad():
+            root(*example_args)
+    except Exception as exc:
+        raise QatgraphError(f"running the model on example_inputs failed before quantization: {exc}. "
+                            "Pass example_inputs that the model's forward accepts (a tensor or a tuple).") from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+        root.train(was_training)
+    for name, region in regions:
+        if name in captured:
+            with torch.no_grad():
+                ShapeProp(region).propagate(*captured[name])

@@ -1,0 +1,411 @@
+"""The quantization policy: what gets quantized, how, and which layers are exceptions.
+
+A :class:`Policy` is plain data (dataclasses). Build one from a preset name (``"tensorrt"``,
+``"onnxruntime"``), a dict, a YAML file, or directly. Dicts and YAML may start from a preset and
+override parts of it::
+
+    preset: tensorrt
+    activation: {calibrator: entropy}
+    overrides:
+      - {name: fc, skip: true}                 # exact module name
+      - {regex: 'layer4\\..*', weight: {bits: 4}}
+      - {glob: 'blocks.*.attn.*', activation: {calibrator: max}}
+      - {type: Linear, weight: {granularity: per_tensor}}
+    freeze: {mode: cwpn, ratio: 0.05, interval: 4096}
+
+Override precedence is name > regex/glob > type > global; among rules of one level the later
+rule wins. Every rule must match at least one module of the model being compiled.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import PolicyError, did_you_mean, listing
+from .presets import PRESETS
+
+Granularity = Literal["per_tensor", "per_channel"]
+CalibratorName = Literal["max", "percentile", "entropy", "mse"]
+CALIBRATORS = ("max", "percentile", "entropy", "mse")
+GRANULARITIES = ("per_tensor", "per_channel")
+TARGETS = ("tensorrt", "onnxruntime", "generic")
+BN_MODES = ("train", "fold")
+FREEZE_MODES = ("cwpl", "cwpn", "lwpn")
+OP_KINDS = ("conv", "conv_transpose", "linear", "matmul")
+
+
+@dataclass
+class QuantSpec:
+    """How one kind of tensor (activation or weight) is quantized.
+
+    ``symmetric`` specs are signed with zero-point 0; asymmetric ones are unsigned
+    (``[0, 2**bits - 1]``) with a computed zero-point. ``narrow_range`` drops the most negative
+    code (``[-127, 127]`` for INT8), which makes BN folding into per-channel scales exact even
+    for negative gammas. ``axis`` is the channel axis for per-channel specs (``None`` picks the
+    op's output-channel axis: 0 for Conv/Linear weights, 1 for ConvTranspose weights).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: Granularity = "per_tensor"
+    calibrator: CalibratorName = "max"
+    percentile: float = 99.99
+    learnable_scale: bool = False
+    narrow_range: bool = False
+    axis: int | None = None
+
+    @property
+    def qmin(self) -> int:
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1 if not self.symmetric else 2 ** (self.bits - 1) - 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+    def validate(self, where: str) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise PolicyError(f"{where}.bits = {self.bits!r}: use an integer from 2 to 8")
+        if self.granularity not in GRANULARITIES:
+            raise PolicyError(f"{where}.granularity = {self.granularity!r}: valid values are "
+                              f"{', '.join(GRANULARITIES)}{did_you_mean(self.granularity, GRANULARITIES)}")
+        if self.calibrator not in CALIBRATORS:
+            raise PolicyError(f"{where}.calibrator = {self.calibrator!r}: valid values are "
+                              f"{', '.join(CALIBRATORS)}{did_you_mean(self.calibrator, CALIBRATORS)}")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise PolicyError(f"{where}.percentile = {self.percentile!r}: use a value in (0, 100], e.g. 99.99")
+        if self.calibrator == "entropy" and self.per_channel:
+            raise PolicyError(f"{where}: the entropy (KL) calibrator works on one histogram per tensor; "
+                              "use granularity: per_tensor, or calibrator: max/percentile/mse for per-channel")
+        if self.learnable_scale and not self.symmetric:
+            raise PolicyError(f"{where}: learnable_scale is supported for symmetric specs only; "
+                              "set symmetric: true or learnable_scale: false")
+        if self.narrow_range and not self.symmetric:
+            raise PolicyError(f"{where}: narrow_range applies to symmetric (signed) specs only")
+
+
+@dataclass
+class LayerRule:
+    """A per-layer exception: skip matching layers or give them a different spec.
+
+    Exactly one matcher: ``name`` (exact module name), ``regex`` (full match), ``glob``
+    (fnmatch) or ``type`` (class name like ``"Conv2d"`` or a dotted path).
+    ``weight``/``activation`` hold partial :class:`QuantSpec` fields applied over the global spec.
+    """
+
+    name: str | None = None
+    regex: str | None = None
+    glob: str | None = None
+    type: str | None = None
+    skip: bool = False
+    weight: dict[str, Any] = field(default_factory=dict)
+    activation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def level(self) -> int:
+        """Precedence level: higher wins (name 3, regex/glob 2, type 1)."""
+        return 3 if self.name is not None else 2 if (self.regex or self.glob) else 1
+
+    def describe(self) -> str:
+        for key in ("name", "regex", "glob", "type"):
+            value = getattr(self, key)
+            if value is not None:
+                return f"{key}={value!r}"
+        return "<no matcher>"
+
+    def matches(self, module_name: str, module_type: type) -> bool:
+        if self.name is not None:
+            return module_name == self.name
+        if self.regex is not None:
+            return re.fullmatch(self.regex, module_name) is not None
+        if self.glob is not None:
+            return fnmatch.fnmatchcase(module_name, self.glob)
+        wanted = self.type or ""
+        if "." in wanted:
+            return any(f"{k.__module__}.{k.__qualname__}" == wanted for k in module_type.__mro__)
+        return any(k.__name__ == wanted for k in module_type.__mro__)
+
+    def validate(self, where: str) -> None:
+        given = [k for k in ("name", "regex", "glob", "type") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PolicyError(f"{where}: give exactly one of name, regex, glob, type (got {given or 'none'})")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise PolicyError(f"{where}: regex {self.regex!r} does not compile: {exc}") from None
+        if self.skip and (self.weight or self.activation):
+            raise PolicyError(f"{where}: a rule either skips layers or changes their spec, not both")
+        if not self.skip and not (self.weight or self.activation):
+            raise PolicyError(f"{where}: the rule does nothing; add skip: true, weight: {{...}} or activation: {{...}}")
+        for kind in ("weight", "activation"):
+            _check_spec_keys(getattr(self, kind), f"{where}.{kind}")
+
+
+@dataclass
+class FreezeConfig:
+    """EfQAT: train only the most important weight rows/layers (see passes/freeze.py)."""
+
+    mode: Literal["cwpl", "cwpn", "lwpn"] = "cwpn"
+    ratio: float = 0.05
+    interval: int = 4096
+
+    def validate(self) -> None:
+        if self.mode not in FREEZE_MODES:
+            raise PolicyError(f"freeze.mode = {self.mode!r}: valid values are {', '.join(FREEZE_MODES)}"
+                              f"{did_you_mean(self.mode, FREEZE_MODES)}")
+        if not 0.0 <= float(self.ratio) <= 1.0:
+            raise PolicyError(f"freeze.ratio = {self.ratio!r}: use the fraction of rows to train, in [0, 1]")
+        if int(self.interval) <= 0:
+            raise PolicyError(f"freeze.interval = {self.interval!r}: use a positive number of samples")
+
+
+@dataclass
+class SensitivityConfig:
+    """Automatic skip-list selection when ``compile`` is given data (see qatgraph/sensitivity)."""
+
+    mode: Literal["fast", "full"] = "fast"
+    num_samples: int = 256
+    max_drop: float = 0.01
+    max_skipped: int | None = None
+    top_k: int | None = None
+
+
+@dataclass
+class TracingConfig:
+    """How torch.fx traces the model."""
+
+    leaf_modules: list[str] = field(default_factory=list)
+    concrete_args: dict[str, Any] = field(default_factory=dict)
+    partial: bool = True
+
+
+@dataclass
+class Policy:
+    """Everything ``qatgraph.compile`` needs to know about how to quantize a model."""
+
+    name: str = "custom"
+    target: Literal["tensorrt", "onnxruntime", "generic"] = "tensorrt"
+    activation: QuantSpec = field(default_factory=QuantSpec)
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(granularity="per_channel", narrow_range=True))
+    bn: Literal["train", "fold"] = "train"
+    min_channels: int = 16
+    quantize: list[str] = field(default_factory=lambda: list(OP_KINDS))
+    residual: bool = True
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    overrides: list[LayerRule] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    freeze: FreezeConfig | None = None
+    sensitivity: SensitivityConfig | None = None
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def preset(cls, name: str) -> Policy:
+        if name not in PRESETS:
+            raise PolicyError(f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}"
+                              f"{did_you_mean(name, PRESETS)}")
+        return cls.from_dict({"preset": name})
+
+    @classmethod
+    def from_any(cls, policy: Policy | str | Mapping[str, Any] | os.PathLike | None) -> Policy:
+        """Accept a Policy, a preset name, a dict, or a path to a YAML file."""
+        if policy is None:
+            return cls.preset("tensorrt")
+        if isinstance(policy, Policy):
+            result = copy.deepcopy(policy)
+            result.validate()
+            return result
+        if isinstance(policy, Mapping):
+            return cls.from_dict(policy)
+        if isinstance(policy, (str, os.PathLike)):
+            text = os.fspath(policy)
+            if text in PRESETS:
+                return cls.preset(text)
+            if text.endswith((".yaml", ".yml")) or os.path.exists(text):
+                return cls.from_yaml(text)
+            raise PolicyError(f"policy {text!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
+                              f"YAML file{did_you_mean(text, PRESETS)}")
+        raise PolicyError(f"policy must be a Policy, a preset name, a dict or a YAML path, not {type(policy).__name__}")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Policy:
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle)
+        except FileNotFoundError:
+            raise PolicyError(f"policy file {os.fspath(path)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise PolicyError(f"policy file {os.fspath(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"policy file {os.fspath(path)!r} must hold a mapping (key: value), "
+                              f"not {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        data = dict(data)
+        _check_keys(data, _POLICY_KEYS | {"preset"}, "policy")
+        base: dict[str, Any] = {}
+        preset = data.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise PolicyError(f"unknown preset {preset!r}: valid presets are {', '.join(PRESETS)}"
+                                  f"{did_you_mean(str(preset), PRESETS)}")
+            base = copy.deepcopy(PRESETS[preset])
+        merged = _deep_merge(base, data)
+        policy = cls._build(merged)
+        policy.validate()
+        return policy
+
+    @classmethod
+    def _build(cls, data: dict[str, Any]) -> Policy:
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("activation", "weight"):
+                _check_spec_keys(value, key)
+                kwargs[key] = QuantSpec(**value)
+            elif key == "tracing":
+                _check_keys(value, _field_names(TracingConfig), "tracing")
+                kwargs[key] = TracingConfig(**value)
+            elif key == "overrides":
+                kwargs[key] = [_build_rule(rule, i) for i, rule in enumerate(value or [])]
+            elif key == "freeze":
+                kwargs[key] = None if value is None else _build_section(FreezeConfig, value, "freeze")
+            elif key == "sensitivity":
+                kwargs[key] = None if value is None else _build_section(SensitivityConfig, value, "sensitivity")
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise PolicyError(f"target = {self.target!r}: valid targets are {', '.join(TARGETS)}"
+                              f"{did_you_mean(str(self.target), TARGETS)}")
+        if self.bn not in BN_MODES:
+            raise PolicyError(f"bn = {self.bn!r}: use 'train' (BN keeps training, folded at export) or "
+                              "'fold' (folded into the conv before QAT)")
+        if not isinstance(self.min_channels, int) or self.min_channels < 0:
+            raise PolicyError(f"min_channels = {self.min_channels!r}: use a non-negative integer (0 quantizes tiny layers too)")
+        unknown = [k for k in self.quantize if k not in OP_KINDS]
+        if unknown:
+            raise PolicyError(f"quantize lists unknown op kinds {unknown}: valid kinds are {', '.join(OP_KINDS)}")
+        self.activation.validate("activation")
+        self.weight.validate("weight")
+        if self.activation.per_channel:
+            raise PolicyError("activation.granularity = 'per_channel': activations are quantized per tensor "
+                              "(TensorRT and ONNX Runtime take per-channel scales for weights only)")
+        if self.target == "tensorrt":
+            for kind, spec in (("activation", self.activation), ("weight", self.weight)):
+                if not spec.symmetric:
+                    raise PolicyError(f"target tensorrt needs symmetric {kind} quantization (zero-point 0); "
+                                      f"set {kind}.symmetric: true or target: onnxruntime/generic")
+        for i, rule in enumerate(self.overrides):
+            rule.validate(f"overrides[{i}]")
+        if self.freeze is not None:
+            self.freeze.validate()
+
+    # ----------------------------------------------------------------- resolution
+    def resolve(self, module_name: str, module_type: type) -> ResolvedLayer:
+        """The spec (or skip) for one weighted layer, after applying overrides by precedence."""
+        weight = dataclasses.asdict(self.weight)
+        activation = dataclasses.asdict(self.activation)
+        skip_rule: str | None = None
+        applied: list[str] = []
+        matching = [(rule.level, i, rule) for i, rule in enumerate(self.overrides)
+                    if rule.matches(module_name, module_type)]
+        for _, _, rule in sorted(matching, key=lambda item: (item[0], item[1])):
+            if rule.skip:
+                skip_rule = rule.describe()
+                continue
+            weight.update(rule.weight)
+            activation.update(rule.activation)
+            applied.append(rule.describe())
+        if module_name in self.skip:
+            skip_rule = skip_rule or "skip list"
+        resolved = ResolvedLayer(weight=QuantSpec(**weight), activation=QuantSpec(**activation),
+                                 skip_rule=skip_rule, applied_rules=applied)
+        where = f"layer {module_name!r} (after overrides {applied})"
+        resolved.weight.validate(where + " weight")
+        resolved.activation.validate(where + " activation")
+        return resolved
+
+    def check_rules_match(self, module_names: list[str], module_types: dict[str, type]) -> None:
+        """Raise if an override or skip entry matches none of the model's modules."""
+        for i, rule in enumerate(self.overrides):
+            if not any(rule.matches(n, module_types[n]) for n in module_names):
+                hint = did_you_mean(rule.name or rule.glob or rule.regex or rule.type or "",
+                                    module_names if rule.type is None else {t.__name__ for t in module_types.values()})
+                raise PolicyError(f"overrides[{i}] ({rule.describe()}) matches no module of the model{hint}. "
+                                  f"Modules are: {listing(module_names)}")
+        for name in self.skip:
+            if name not in module_names:
+                raise PolicyError(f"skip lists {name!r}, which is not a module of the model"
+                                  f"{did_you_mean(name, module_names)}")
+
+
+@dataclass
+class ResolvedLayer:
+    weight: QuantSpec
+    activation: QuantSpec
+    skip_rule: str | None
+    applied_rules: list[str]
+
+
+def _field_names(klass: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(klass)}
+
+
+_POLICY_KEYS = _field_names(Policy)
+_SPEC_KEYS = _field_names(QuantSpec)
+
+
+def _check_keys(data: Any, valid: set[str], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"{where} must be a mapping, not {type(data).__name__}")
+    for key in data:
+        if key not in valid:
+            raise PolicyError(f"unknown key {key!r} in {where}{did_you_mean(str(key), valid)}; "
+                              f"valid keys are {', '.join(sorted(valid))}")
+
+
+def _check_spec_keys(data: Any, where: str) -> None:
+    _check_keys(data, _SPEC_KEYS, where)
+
+
+def _build_section(klass: type, value: Any, where: str) -> Any:
+    _check_keys(value, _field_names(klass), where)
+    return klass(**value)
+
+
+def _build_rule(rule: Any, index: int) -> LayerRule:
+    if isinstance(rule, LayerRule):
+        return rule
+    _check_keys(rule, _field_names(LayerRule), f"overrides[{index}]")
+    return LayerRule(**rule)
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``base``: nested dicts merge, lists and scalars replace."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            base[key] = _deep_merge(dict(base[key]), value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base

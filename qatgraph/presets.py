@@ -1,0 +1,38 @@
+"""Built-in policy presets, as plain dicts (the same form a YAML policy takes).
+
+- ``tensorrt``: INT8 symmetric, zero-point 0; weights per output channel in [-127, 127];
+  activations per tensor in [-128, 127]; tiny layers (< 16 channels, GEMM N/K < 16) stay in
+  floating point because TensorRT runs them faster in FP16 than with unfusable Q/DQ.
+- ``onnxruntime`` (x86 CPU): activations UINT8 asymmetric per tensor, weights INT8 symmetric
+  per channel (the U8S8 kernels ONNX Runtime runs fastest on x86).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_WEIGHT_INT8_PER_CHANNEL: dict[str, Any] = {
+    "bits": 8, "symmetric": True, "granularity": "per_channel", "calibrator": "max", "narrow_range": True,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tensorrt": {
+        "name": "tensorrt",
+        "target": "tensorrt",
+        "activation": {"bits": 8, "symmetric": True, "granularity": "per_tensor",
+                       "calibrator": "percentile", "percentile": 99.99},
+        "weight": dict(_WEIGHT_INT8_PER_CHANNEL),
+        "bn": "train",
+        "min_channels": 16,
+        "residual": True,
+    },
+    "onnxruntime": {
+        "name": "onnxruntime",
+        "target": "onnxruntime",
+        "activation": {"bits": 8, "symmetric": False, "granularity": "per_tensor",
+                       "calibrator": "percentile", "percentile": 99.99},
+        "weight": dict(_WEIGHT_INT8_PER_CHANNEL),
+        "bn": "train",
+        "min_channels": 0,
+        "residual": True,
+    },
+}

@@ -1,0 +1,121 @@
+"""Quantized weighted layers: Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear with a weight quantizer.
+
+The quantized classes subclass the torch classes and are swapped in place of the originals
+(``module.__class__ = QuantConv2d``), so parameter names, shapes and ``isinstance`` checks are
+unchanged: a checkpoint of the compiled model still carries ``conv.weight`` / ``conv.bias``.
+Activation quantizers normally live in the graph (one per tensor, shared by its consumers); an
+``input_quantizer`` inside the layer is used only for layers in parts of a model torch.fx
+could not trace (module-wise quantization).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .policy import QuantSpec
+from .quantizer import FakeQuantizer
+
+
+class QuantWeightMixin:
+    """Shared behaviour of quantized weighted layers."""
+
+    weight: nn.Parameter
+    weight_quantizer: FakeQuantizer
+    input_quantizer: FakeQuantizer | None
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quantizer(x) if self.input_quantizer is not None else x
+
+
+class QuantConv1d(QuantWeightMixin, nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantWeightMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv3d(QuantWeightMixin, nn.Conv3d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class _QuantConvTransposeMixin(QuantWeightMixin):
+    _functional = staticmethod(F.conv_transpose2d)
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        num_spatial_dims = self.weight.dim() - 2
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+                                              num_spatial_dims, self.dilation)
+        return self._functional(self._quantize_input(x), self.quantized_weight(), self.bias, self.stride,
+                                self.padding, output_padding, self.groups, self.dilation)
+
+
+class QuantConvTranspose1d(_QuantConvTransposeMixin, nn.ConvTranspose1d):
+    _functional = staticmethod(F.conv_transpose1d)
+
+
+class QuantConvTranspose2d(_QuantConvTransposeMixin, nn.ConvTranspose2d):
+    _functional = staticmethod(F.conv_transpose2d)
+
+
+class QuantConvTranspose3d(_QuantConvTransposeMixin, nn.ConvTranspose3d):
+    _functional = staticmethod(F.conv_transpose3d)
+
+
+class QuantLinear(QuantWeightMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_CLASSES: dict[type, type] = {
+    nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
+    nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.ConvTranspose3d: QuantConvTranspose3d, nn.Linear: QuantLinear,
+}
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def weight_axis(module: nn.Module) -> int:
+    """Output-channel axis of the weight: 1 for ConvTranspose (weight is [in, out/groups, ...]), else 0."""
+    return 1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0
+
+
+def op_kind(module: nn.Module) -> str | None:
+    """'conv', 'conv_transpose', 'linear' or None for modules qatgraph does not quantize."""
+    if type(module) in CONV_TYPES:
+        return "conv"
+    if type(module) in CONV_TRANSPOSE_TYPES:
+        return "conv_transpose"
+    if type(module) is nn.Linear:
+        return "linear"
+    return None
+
+
+def quantize_module(module: nn.Module, weight_spec: QuantSpec, name: str,
+                    input_spec: QuantSpec | None = None) -> nn.Module:
+    """Turn a Conv/ConvTranspose/Linear into its quantized class in place and return it.
+
+    The weight quantizer is calibrated from the current weight right away, so a compiled model
+    has weight scales before any activation calibration.
+    """
+    quant_class = QUANT_CLASSES[type(module)]
+    axis = weight_axis(module)
+    weight = module.weight
+    quantizer = FakeQuantizer(weight_spec, axis=axis if weight_spec.per_channel else None,
+                              num_channels=weight.shape[axis], name=f"{name}.weight_quantizer", is_weight=True)
+    quantizer.to(weight.device)
+    quantizer.calibrate_from(weight.detach())
+    module.__class__ = quant_class
+    module.weight_quantizer = quantizer
+    module.input_quantizer = None
+    if input_spec is not None:
+        module.input_quantizer = FakeQuantizer(input_spec, name=f"{name}.input_quantizer").to(weight.device)
+    return module

@@ -1,0 +1,235 @@
+"""The fake-quantizer module: one per quantized tensor (activations) or weight.
+
+A :class:`FakeQuantizer` holds its scale and zero-point as buffers (a parameter when the scale is
+learnable), plus ``enabled`` and ``calibrated`` flags, so everything survives ``state_dict()`` /
+``load_state_dict()`` into a freshly compiled model. It has three states:
+
+* collecting (during :func:`qatgraph.calibrate`): passes tensors through and feeds a calibrator;
+* enabled: fake-quantizes with a straight-through estimator (gradient 1 inside the range, 0 outside);
+* disabled: identity (a layer left in floating point, or a sensitivity probe).
+
+Two equivalent implementations of the fake-quant: the fused ATen kernels
+(``torch.fake_quantize_per_*_affine``) for eager float32, and plain tensor arithmetic that
+Inductor can fuse into neighbouring kernels under ``torch.compile``, which also gives LSQ
+gradients for learnable scales and handles fp16/bf16 inputs (computed in float32).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .calibrators import Calibrator, make_calibrator
+from .errors import CalibrationError, NotCalibratedError
+from .policy import QuantSpec
+
+_MIN_AMAX = 1e-8  # an all-zero tensor still gets a valid (positive) scale
+
+
+def scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point that map ``[lo, hi]`` onto ``[spec.qmin, spec.qmax]``."""
+    lo, hi = lo.float(), hi.float()
+    if spec.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs()).clamp_min(_MIN_AMAX)
+        return amax / spec.qmax, torch.zeros_like(amax, dtype=torch.int32)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # zero must be exactly representable
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(_MIN_AMAX / spec.qmax)
+    zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def _grad_scaled(scale: torch.Tensor, factor: float) -> torch.Tensor:
+    """Same value as ``scale``, gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
+    scaled = scale * factor
+    return (scale - scaled).detach() + scaled
+
+
+def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                            qmin: int, qmax: int, axis: int | None) -> torch.Tensor:
+    """Fake-quantize with plain tensor ops: fusable by Inductor, differentiable in ``scale``.
+
+    Gradient w.r.t. ``x`` is the straight-through estimator (1 inside the range, 0 outside);
+    w.r.t. ``scale`` it is LSQ's. Computed in float32 and cast back to ``x.dtype``.
+    """
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    x32 = x.float()
+    zero_point = zero_point.to(x32.dtype)
+    clipped = torch.clamp(x32 / scale + zero_point, qmin, qmax)
+    rounded = clipped + (torch.round(clipped) - clipped).detach()
+    return ((rounded - zero_point) * scale).to(x.dtype)
+
+
+class FakeQuantizer(nn.Module):
+    """Simulated quantization of one tensor (per tensor) or one weight (per channel)."""
+
+    def __init__(self, spec: QuantSpec, *, axis: int | None = None, num_channels: int | None = None,
+                 name: str = "", is_weight: bool = False) -> None:
+        super().__init__()
+        if spec.per_channel and (axis is None or num_channels is None):
+            raise ValueError(f"per-channel quantizer {name!r} needs axis and num_channels")
+        self.spec = spec
+        self.axis = axis if spec.per_channel else None
+        self.name = name
+        self.is_weight = is_weight
+        shape = (num_channels,) if self.axis is not None else ()
+        scale = torch.ones(shape)
+        if spec.learnable_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("enabled", torch.tensor(True))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.collecting = False
+        self._calibrator: Calibrator | None = None
+        self._batches_seen = 0
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def qmin(self) -> int:
+        return self.spec.qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.spec.qmax
+
+    @property
+    def is_enabled(self) -> bool:
+        return bool(self.enabled)
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(self.calibrated)
+
+    @property
+    def tracks_weight_max(self) -> bool:
+        """Weight scales from the ``max`` calibrator follow the weights while they train."""
+        return self.is_weight and self.spec.calibrator == "max" and not self.spec.learnable_scale
+
+    def amax(self) -> torch.Tensor:
+        """The clipping threshold(s) implied by the current scale (symmetric: scale * qmax)."""
+        scale = self.scale.detach()
+        if self.spec.symmetric:
+            return scale * self.qmax
+        zero_point = self.zero_point.float()
+        return torch.maximum((self.qmin - zero_point).abs(), (self.qmax - zero_point).abs()) * scale
+
+    def enable(self, on: bool = True) -> FakeQuantizer:
+        self.enabled.fill_(bool(on))
+        return self
+
+    def disable(self) -> FakeQuantizer:
+        return self.enable(False)
+
+    # ---------------------------------------------------------------- calibration
+    def start_calibration(self) -> None:
+        self._calibrator = make_calibrator(self.spec, axis=self.axis)
+        self._batches_seen = 0
+        self.collecting = True
+
+    def collected_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range the calibrator settled on; raises if this quantizer saw no data."""
+        calibrator = self._calibrator
+        if calibrator is None or self._batches_seen == 0:
+            raise CalibrationError(
+                f"quantizer {self.name!r} saw no data during calibration: the layer it feeds never ran. "
+                "Check that the calibration batches exercise this part of the model (e.g. a branch taken only "
+                "for some inputs), or skip the layer in the policy.")
+        try:
+            return calibrator.compute_range()
+        except CalibrationError as exc:
+            raise CalibrationError(f"quantizer {self.name!r}: {exc}") from None
+
+    def stop_calibration(self) -> None:
+        self.collecting = False
+        self._calibrator = None
+
+    def finish_calibration(self) -> None:
+        """Turn the collected statistics into a scale and leave calibration mode."""
+        lo, hi = self.collected_range()
+        self.stop_calibration()
+        self.set_range(lo, hi)
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        scale, zero_point = scale_zero_point(lo, hi, self.spec)
+        with torch.no_grad():
+            self.scale.copy_(scale.to(self.scale.device).reshape(self.scale.shape))
+            self.zero_point.copy_(zero_point.to(self.zero_point.device).reshape(self.zero_point.shape))
+        self.calibrated.fill_(True)
+
+    def calibrate_from(self, tensor: torch.Tensor) -> None:
+        """One-shot calibration from a tensor (weights: they are known at compile time)."""
+        self.start_calibration()
+        self._collect(tensor)
+        self.finish_calibration()
+
+    def _collect(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            bad = "NaN" if torch.isnan(x).any() else "Inf"
+            raise CalibrationError(
+                f"quantizer {self.name!r} received {bad} values in calibration batch {self._batches_seen + 1}: "
+                "the calibration data or the layers before this tensor produce non-finite values. Clean the data "
+                "(e.g. normalize inputs, drop corrupt samples) or check the model in floating point first.")
+        assert self._calibrator is not None
+        self._calibrator.collect(x)
+        self._batches_seen += 1
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.collecting:
+            self._collect(x)
+            return x
+        if not self.enabled:
+            return x
+        if self.training and self.tracks_weight_max:
+            self._track_weight_max(x)
+        elif not self.calibrated:
+            raise NotCalibratedError(
+                f"quantizer {self.name!r} has no scale yet: run qatgraph.calibrate(model, batches) before "
+                "training or evaluating the compiled model (or disable this quantizer).")
+        return self._fake_quantize(x)
+
+    def _track_weight_max(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            detached = weight.detach()
+            if self.axis is None:
+                amax = detached.abs().amax()
+            else:
+                amax = detached.abs().transpose(0, self.axis).reshape(detached.shape[self.axis], -1).amax(dim=1)
+            self.scale.copy_(amax.float().clamp_min(_MIN_AMAX) / self.qmax)
+            self.calibrated.fill_(True)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self.scale, self.zero_point
+        if self.spec.learnable_scale:
+            numel = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
+            scale = _grad_scaled(scale, 1.0 / math.sqrt(max(numel, 1) * max(self.qmax, 1)))
+            return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+        if x.dtype != torch.float32 or torch.compiler.is_compiling():
+            return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, self.axis, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        kind = "per-channel(axis=%d)" % self.axis if self.axis is not None else "per-tensor"
+        sym = "symmetric" if spec.symmetric else "asymmetric"
+        state = "enabled" if self.is_enabled else "disabled"
+        calibrated = f"amax={self.amax().max().item():.4g}" if self.is_calibrated else "uncalibrated"
+        learn = ", learnable" if spec.learnable_scale else ""
+        return f"int{spec.bits} {sym} {kind} [{spec.qmin}, {spec.qmax}] {spec.calibrator}{learn}, {state}, {calibrated}"
+
+
+def iter_quantizers(model: nn.Module):
+    """(qualified name, quantizer) for every distinct FakeQuantizer in ``model``."""
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantizer) and id(module) not in seen:
+            seen.add(id(module))
+            yield name, module

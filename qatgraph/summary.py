@@ -1,0 +1,94 @@
+"""``qatgraph.summary``: one table that makes every compile decision visible.
+
+For each weighted layer: its type, INT8 or floating point, the rule that decided it, its weight
+quantizer (bits, granularity, amax range) and the activation quantizer(s) feeding it. Then the
+trace report (what stayed eager and why) and the frozen set when EfQAT is on.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from torch import nn
+
+from .info import LayerDecision, compile_info
+from .quantizer import FakeQuantizer
+
+
+@dataclass
+class SummaryRow:
+    layer: str
+    type_name: str
+    status: str
+    reason: str
+    weight: str
+    inputs: str
+    frozen: str
+
+
+@dataclass
+class Summary:
+    rows: list[SummaryRow]
+    trace: str
+    policy_name: str
+
+    @property
+    def quantized(self) -> list[str]:
+        return [r.layer for r in self.rows if r.status == "INT"]
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy_name, "trace": self.trace, "layers": [r.__dict__ for r in self.rows]}
+
+    def render(self, console_width: int = 160) -> str:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"qatgraph summary (policy {self.policy_name})", show_lines=False)
+        for column in ("layer", "type", "status", "why", "weight", "input quantizer", "frozen"):
+            table.add_column(column, overflow="fold")
+        for row in self.rows:
+            status = "[green]INT8[/]" if row.status == "INT" else "[yellow]float[/]"
+            table.add_row(row.layer, row.type_name, status, row.reason, row.weight, row.inputs, row.frozen)
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=console_width, force_terminal=False, color_system=None)
+        console.print(table)
+        n_quantized = len(self.quantized)
+        console.print(f"{n_quantized} of {len(self.rows)} weighted layers quantized. Tracing: {self.trace}")
+        return buffer.getvalue()
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
+    """Build (and by default print) the decision table of a compiled model."""
+    info = compile_info(model)
+    modules = dict(model.named_modules())
+    rows = [_row(decision, modules) for decision in info.layers]
+    result = Summary(rows=rows, trace=info.trace_report.describe(), policy_name=info.policy.name)
+    if print_table:
+        print(result.render())
+    return result
+
+
+def _row(decision: LayerDecision, modules: dict[str, nn.Module]) -> SummaryRow:
+    weight = ""
+    weight_quantizer = modules.get(decision.weight_quantizer or "")
+    if isinstance(weight_quantizer, FakeQuantizer):
+        weight = _describe(weight_quantizer)
+    inputs = ", ".join(f"{name} ({_describe(modules[name])})" for name in decision.input_quantizers
+                       if isinstance(modules.get(name), FakeQuantizer))
+    return SummaryRow(decision.layer, decision.type_name, "INT" if decision.quantized else "FP", decision.reason,
+                      weight, inputs, decision.frozen)
+
+
+def _describe(quantizer: FakeQuantizer) -> str:
+    spec = quantizer.spec
+    granularity = "per-ch" if quantizer.axis is not None else "per-t"
+    if not quantizer.is_enabled:
+        return f"int{spec.bits} {granularity} disabled"
+    if not quantizer.is_calibrated:
+        return f"int{spec.bits} {granularity} uncalibrated"
+    amax = quantizer.amax()
+    value = f"amax {amax.min():.3g}..{amax.max():.3g}" if amax.numel() > 1 else f"amax {amax.item():.3g}"
+    return f"int{spec.bits} {granularity} {value}"

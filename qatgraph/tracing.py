@@ -1,0 +1,155 @@
+"""Tracing with torch.fx, with partial tracing when the whole model cannot be traced.
+
+``trace_model`` first traces the root with the policy's leaf modules and ``concrete_args``. If
+that fails and ``policy.tracing.partial`` is on, it traces the largest submodules that can be
+traced (each becomes a ``GraphModule`` in place of the original child, keeping its parameter
+names) and leaves the rest eager. Every failure is recorded with the module, the source line
+torch.fx stopped at, and the fix to try, in a :class:`TraceReport`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+from .policy import Policy
+from .qmodules import op_kind
+
+log = logging.getLogger(__name__)
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_QATGRAPH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class UntracedModule:
+    """A module torch.fx could not trace, and why."""
+
+    name: str
+    type_name: str
+    reason: str
+    location: str
+    fix: str
+
+    def describe(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        return f"{self.name or '<root>'} ({self.type_name}){where}: {self.reason}. Fix: {self.fix}"
+
+
+@dataclass
+class TraceReport:
+    """What was traced, what stayed eager and why."""
+
+    traced: list[str] = field(default_factory=list)
+    untraced: list[UntracedModule] = field(default_factory=list)
+    eager_layers: list[str] = field(default_factory=list)
+
+    @property
+    def fully_traced(self) -> bool:
+        return self.traced == [""]
+
+    def describe(self) -> str:
+        if self.fully_traced:
+            return "traced the whole model with torch.fx"
+        lines = ["partially traced: " + (", ".join(n or "<root>" for n in self.traced) or "nothing")]
+        lines += ["  untraced " + u.describe() for u in self.untraced]
+        if self.eager_layers:
+            lines.append("  quantized module-wise (eager): " + ", ".join(self.eager_layers))
+        return "\n".join(lines)
+
+
+class QatTracer(fx.Tracer):
+    """torch.fx tracer whose leaf modules also include the policy's ``tracing.leaf_modules``
+    (class names, dotted class paths or qualified module names)."""
+
+    def __init__(self, leaf_modules: list[str], prefix: str = "") -> None:
+        super().__init__()
+        self.extra_leaves = set(leaf_modules)
+        self.prefix = prefix
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        full_name = f"{self.prefix}.{qualified_name}" if self.prefix and qualified_name else qualified_name or self.prefix
+        klass = type(module)
+        if full_name in self.extra_leaves or klass.__name__ in self.extra_leaves or \
+                f"{klass.__module__}.{klass.__qualname__}" in self.extra_leaves:
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+
+def trace_module(module: nn.Module, policy: Policy, prefix: str = "",
+                 concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    tracer = QatTracer(policy.tracing.leaf_modules, prefix)
+    graph = tracer.trace(module, concrete_args=concrete_args or None)
+    graph_module = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+    graph_module.meta["qatgraph_prefix"] = prefix
+    return graph_module
+
+
+def trace_model(model: nn.Module, policy: Policy) -> tuple[nn.Module, TraceReport]:
+    """Trace ``model`` (already a private copy: children may be replaced in place)."""
+    report = TraceReport()
+    try:
+        graph_module = trace_module(model, policy, "", policy.tracing.concrete_args)
+        report.traced.append("")
+        return graph_module, report
+    except Exception as exc:  # torch.fx raises many types; each is reported with its source line
+        failure = describe_failure(exc, model, "")
+        if not policy.tracing.partial:
+            raise TraceError("torch.fx cannot trace the model: " + failure.describe() +
+                             " (partial tracing is off: set tracing.partial: true to quantize the traceable parts)") from None
+        report.untraced.append(failure)
+        log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
+    _trace_children(model, "", policy, report)
+    return model, report
+
+
+def _trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport) -> None:
+    tracer_for_leaves = QatTracer(policy.tracing.leaf_modules, prefix)
+    for child_name, child in list(module.named_children()):
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        if tracer_for_leaves.is_leaf_module(child, child_name) or not _has_quantizable(child):
+            continue
+        try:
+            setattr(module, child_name, trace_module(child, policy, name))
+            report.traced.append(name)
+        except Exception as exc:
+            report.untraced.append(describe_failure(exc, child, name))
+            _trace_children(child, name, policy, report)
+
+
+def _has_quantizable(module: nn.Module) -> bool:
+    return any(op_kind(m) is not None for m in module.modules())
+
+
+def describe_failure(exc: BaseException, module: nn.Module, name: str) -> UntracedModule:
+    """Turn a torch.fx exception into the module, the user's source line and a suggested fix."""
+    location = ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user_frames = [f for f in frames if not f.filename.startswith((_TORCH_DIR, _QATGRAPH_DIR))]
+    if user_frames:
+        frame = user_frames[-1]
+        code = (frame.line or "").strip()
+        location = f"{frame.filename}:{frame.lineno}" + (f" `{code}`" if code else "")
+    message = str(exc).split("\n")[0] or type(exc).__name__
+    return UntracedModule(name=name, type_name=type(module).__name__, reason=message,
+                          location=location, fix=_suggest_fix(message, type(module).__name__))
+
+
+def _suggest_fix(message: str, type_name: str) -> str:
+    leaf = f"mark it a leaf (policy tracing.leaf_modules: ['{type_name}']; its Conv/Linear are then quantized module-wise)"
+    if "control flow" in message:
+        return ("the forward branches on tensor values; make the branch static with policy tracing.concrete_args, "
+                "compute it with torch.where, or " + leaf)
+    if "iterated" in message or "*args" in message:
+        return ("the forward loops over a traced value (e.g. a list of feature maps or a tensor's length); pass "
+                "the length as a Python constant (tracing.concrete_args) or " + leaf)
+    if "len(" in message or "object of type 'Proxy'" in message:
+        return "the forward calls len() on a traced value; use a constant shape or " + leaf
+    return leaf
