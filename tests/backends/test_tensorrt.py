@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qatgraph.backends import tensorrt as trt_backend
+from qatgraph.backends import tensorrt_runner
 from qatgraph.backends.tensorrt import (EngineBuildConfig, EngineInfo, build_engine,
                                         compare_with_onnxruntime, tensorrt_available,
                                         trtexec_command)
@@ -258,20 +259,20 @@ def test_compare_outputs_reports_diff_and_top1():
                  "score": np.array([0.5, 0.25], np.float32)}
     candidate = {"logits": np.array([[0.0, 1.0, 0.5], [0.0, 2.5, 0.1]], np.float32),
                  "score": np.array([0.5, 0.75], np.float32)}
-    report = trt_backend._compare_outputs(reference, candidate)
+    report = tensorrt_runner._compare_outputs(reference, candidate)
     assert report["logits"] == {"max_abs_diff": 2.5, "mean_abs_diff": 4.5 / 6,
                                 "top1_agreement": 0.5}
     assert report["score"] == {"max_abs_diff": 0.5, "mean_abs_diff": 0.25, "top1_agreement": None}
     with pytest.raises(ExportError, match="shapes differ"):
-        trt_backend._compare_outputs(reference, {**candidate, "score": np.zeros(3)})
+        tensorrt_runner._compare_outputs(reference, {**candidate, "score": np.zeros(3)})
 
 
 def test_onnxruntime_reference_runs_the_qdq_model(tmp_path):
     onnx_path = qdq_model(tmp_path / "m.onnx")
     batch = np.random.default_rng(1).normal(size=(5, 3, 8, 8))  # float64: cast to the ONNX type
-    outputs = trt_backend._run_onnxruntime(str(onnx_path), {"input": batch})
+    outputs = tensorrt_runner._run_onnxruntime(str(onnx_path), {"input": batch})
     assert list(outputs) == ["logits"] and outputs["logits"].shape == (5, 10)
-    report = trt_backend._compare_outputs(outputs, outputs)
+    report = tensorrt_runner._compare_outputs(outputs, outputs)
     assert report["logits"]["max_abs_diff"] == 0.0 and report["logits"]["top1_agreement"] == 1.0
 
 
