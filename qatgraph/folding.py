@@ -40,18 +40,37 @@ def can_fold(bn: nn.Module) -> str | None:
     return None
 
 
+def _exportable_quantizer(layer: nn.Module) -> FakeQuantizer | None:
+    quantizer = getattr(layer, "weight_quantizer", None)
+    if isinstance(quantizer, FakeQuantizer) and quantizer.is_enabled and quantizer.is_calibrated:
+        return quantizer
+    return None
+
+
 @torch.no_grad()
-def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
-    """Fold ``bn`` into ``layer`` in place (weight, bias, and per-channel weight scale if any)."""
+def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, snap_to_codes: bool = False) -> None:
+    """Fold ``bn`` into ``layer`` in place (weight, bias, and per-channel weight scale if any).
+
+    ``snap_to_codes`` (for export) folds the *fake-quantized* weight, so that the folded weight
+    divided by the folded scale is exactly ``sign(k) * code``: folding float weights instead
+    would, once in a million weights, move a value that sits within float32 rounding of a
+    half-step to the other code.
+    """
     factor, offset = bn_factor(bn)
     weight = layer.weight
+    quantizer = _exportable_quantizer(layer)
+    source = weight
+    if snap_to_codes and quantizer is not None:
+        was_training = quantizer.training
+        source = quantizer.eval()(weight.detach())
+        quantizer.train(was_training)
     if isinstance(layer, CONV_TRANSPOSE_TYPES):
         groups = layer.groups
         # weight is [in, out/groups, *kernel]; output channel g*(out/groups)+j lives in group g, column j
-        grouped = weight.double().reshape((groups, weight.shape[0] // groups) + tuple(weight.shape[1:]))
+        grouped = source.double().reshape((groups, weight.shape[0] // groups) + tuple(weight.shape[1:]))
         new_weight = (grouped * factor.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))).reshape(weight.shape)
     else:
-        new_weight = weight.double() * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+        new_weight = source.double() * factor.reshape(-1, *([1] * (weight.dim() - 1)))
     bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(factor)
     new_bias = bias * factor + offset
     weight.copy_(new_weight.to(weight.dtype))
@@ -59,8 +78,7 @@ def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         layer.bias = nn.Parameter(new_bias.to(weight.dtype))
     else:
         layer.bias.copy_(new_bias.to(layer.bias.dtype))
-    quantizer = getattr(layer, "weight_quantizer", None)
-    if isinstance(quantizer, FakeQuantizer) and quantizer.is_calibrated:
+    if quantizer is not None:
         _fold_weight_scale(quantizer, factor, layer)
 
 
@@ -103,11 +121,13 @@ def _is_2d(node: fx.Node) -> bool:
     return meta is not None and hasattr(meta, "shape") and len(meta.shape) == 2
 
 
-def fold_graph_batchnorm(gm: fx.GraphModule) -> list[str]:
-    """Fold every foldable BN of ``gm`` into its producer and remove it; returns the folded BN names."""
+def fold_graph_batchnorm(gm: fx.GraphModule, snap_to_codes: bool = False) -> list[str]:
+    """Fold every foldable BN of ``gm`` into its producer and remove it; returns the folded BN names.
+
+    Exporters pass ``snap_to_codes=True`` (see :func:`fold_bn_into`)."""
     folded = []
     for producer, bn_node in foldable_pairs(gm):
-        fold_bn_into(node_module(gm, producer), node_module(gm, bn_node))
+        fold_bn_into(node_module(gm, producer), node_module(gm, bn_node), snap_to_codes)
         bn_node.replace_all_uses_with(producer)
         gm.graph.erase_node(bn_node)
         folded.append(str(bn_node.target))

@@ -88,13 +88,21 @@ def weight_axis(module: nn.Module) -> int:
     return 1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0
 
 
+_FLOAT_CLASS = {quant: float_class for float_class, quant in QUANT_CLASSES.items()}
+
+
 def op_kind(module: nn.Module) -> str | None:
-    """'conv', 'conv_transpose', 'linear' or None for modules qatgraph does not quantize."""
-    if type(module) in CONV_TYPES:
+    """'conv', 'conv_transpose', 'linear' or None for modules qatgraph does not quantize.
+
+    Exact classes only (or their quantized versions): a user subclass of Conv2d may override
+    ``forward`` with something a quantized Conv2d would not reproduce.
+    """
+    klass = _FLOAT_CLASS.get(type(module), type(module))
+    if klass in CONV_TYPES:
         return "conv"
-    if type(module) in CONV_TRANSPOSE_TYPES:
+    if klass in CONV_TRANSPOSE_TYPES:
         return "conv_transpose"
-    if type(module) is nn.Linear:
+    if klass is nn.Linear:
         return "linear"
     return None
 
