@@ -28,7 +28,6 @@ class LayerDecision:
     reason: str
     eager: bool = False
     input_quantizers: list[str] = field(default_factory=list)
-    frozen: str = ""
 
     @property
     def weight_quantizer(self) -> str | None:

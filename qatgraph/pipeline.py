@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qatgraph.passes import annotate, fuse, materialize, residual, skip
+from qatgraph.passes import annotate, freeze, fuse, materialize, residual, skip
 
 from .annotations import op_annotation
 from .errors import QatgraphError, TraceError
@@ -82,6 +82,7 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     info = CompileInfo(policy=policy, trace_report=report, layers=decisions)
     root.qatgraph_info = info
     root.trace_report = report
+    freeze.apply(root, policy)
     if not any(d.quantized for d in decisions):
         warnings.warn("qatgraph.compile quantized no layer: the model has no Conv/ConvTranspose/Linear/matmul that "
                       "the policy quantizes (see qatgraph.summary for why each was skipped). The model is returned "

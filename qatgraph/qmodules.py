@@ -18,11 +18,18 @@ from .quantizer import FakeQuantizer
 
 
 class QuantWeightMixin:
-    """Shared behaviour of quantized weighted layers."""
+    """Shared behaviour of quantized weighted layers.
+
+    ``trainable_rows`` (set by the EfQAT freeze pass, qatgraph/efqat.py) is an int64 tensor of
+    the output rows that get a weight gradient; the forward then goes through the
+    ``qatgraph::masked_*`` custom ops, whose backward computes the weight gradient of those rows
+    only. ``None`` (the default) is ordinary QAT.
+    """
 
     weight: nn.Parameter
     weight_quantizer: FakeQuantizer
     input_quantizer: FakeQuantizer | None
+    trainable_rows: torch.Tensor | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
@@ -30,20 +37,36 @@ class QuantWeightMixin:
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
+    def _partial_weight_grad(self) -> bool:
+        return self.trainable_rows is not None and self.training and torch.is_grad_enabled() and \
+            self.weight.requires_grad
 
-class QuantConv1d(QuantWeightMixin, nn.Conv1d):
+
+class _QuantConvMixin(QuantWeightMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+        x, weight = self._quantize_input(x), self.quantized_weight()
+        if not self._partial_weight_grad():
+            return self._conv_forward(x, weight, self.bias)
+        from .partial_grad import masked_conv
+
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return masked_conv(x, weight, self.bias, self.trainable_rows, self.stride, padding, self.dilation,
+                           self.groups)
 
 
-class QuantConv2d(QuantWeightMixin, nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+class QuantConv1d(_QuantConvMixin, nn.Conv1d):
+    pass
 
 
-class QuantConv3d(QuantWeightMixin, nn.Conv3d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+class QuantConv2d(_QuantConvMixin, nn.Conv2d):
+    pass
+
+
+class QuantConv3d(_QuantConvMixin, nn.Conv3d):
+    pass
 
 
 class _QuantConvTransposeMixin(QuantWeightMixin):
@@ -71,7 +94,12 @@ class QuantConvTranspose3d(_QuantConvTransposeMixin, nn.ConvTranspose3d):
 
 class QuantLinear(QuantWeightMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
+        x, weight = self._quantize_input(x), self.quantized_weight()
+        if not self._partial_weight_grad():
+            return F.linear(x, weight, self.bias)
+        from .partial_grad import masked_linear
+
+        return masked_linear(x, weight, self.bias, self.trainable_rows)
 
 
 QUANT_CLASSES: dict[type, type] = {

@@ -64,14 +64,16 @@ def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
     """Build (and by default print) the decision table of a compiled model."""
     info = compile_info(model)
     modules = dict(model.named_modules())
-    rows = [_row(decision, modules) for decision in info.layers]
+    controller = getattr(model, "qatgraph_freeze", None)
+    frozen = controller.describe() if controller is not None else {}
+    rows = [_row(decision, modules, frozen.get(decision.layer, "")) for decision in info.layers]
     result = Summary(rows=rows, trace=info.trace_report.describe(), policy_name=info.policy.name)
     if print_table:
         print(result.render())
     return result
 
 
-def _row(decision: LayerDecision, modules: dict[str, nn.Module]) -> SummaryRow:
+def _row(decision: LayerDecision, modules: dict[str, nn.Module], frozen: str) -> SummaryRow:
     weight = ""
     weight_quantizer = modules.get(decision.weight_quantizer or "")
     if isinstance(weight_quantizer, FakeQuantizer):
@@ -79,7 +81,7 @@ def _row(decision: LayerDecision, modules: dict[str, nn.Module]) -> SummaryRow:
     inputs = ", ".join(f"{name} ({_describe(modules[name])})" for name in decision.input_quantizers
                        if isinstance(modules.get(name), FakeQuantizer))
     return SummaryRow(decision.layer, decision.type_name, "INT" if decision.quantized else "FP", decision.reason,
-                      weight, inputs, decision.frozen)
+                      weight, inputs, frozen)
 
 
 def _describe(quantizer: FakeQuantizer) -> str:

@@ -1,0 +1,32 @@
+"""Pass 6 — EfQAT freezing (runs last, on the whole model, only when ``policy.freeze`` is set).
+
+Expects: a materialized QAT model (quantized Conv/Linear modules with weight quantizers),
+ideally calibrated (importance is computed from the weights, which calibration does not change).
+Guarantees:
+* a :class:`~qatgraph.efqat.FreezeController` is attached as ``model.qatgraph_freeze``: each
+  quantized Conv1d/2d/3d and Linear trains only its selected rows through the
+  ``qatgraph::masked_*`` ops (CWPL/CWPN), or whole layers are frozen (LWPN:
+  ``weight.requires_grad = False``, no weight-gradient GEMM at all);
+* frozen rows stay bit-identical through any optimizer step; importance is refreshed every
+  ``freeze.interval`` training samples;
+* parameter names and shapes are unchanged (checkpoints load into the uncompiled model);
+* each layer's current frozen state shows in ``qatgraph.summary`` (column "frozen").
+This pass works on the whole model rather than one graph region because CWPN and LWPN rank rows
+and layers across the network.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from qatgraph.efqat import FreezeController
+from qatgraph.policy import Policy
+
+
+def apply(model: nn.Module, policy: Policy) -> nn.Module:
+    if policy.freeze is None:
+        return model
+    existing = getattr(model, "qatgraph_freeze", None)
+    if existing is not None:
+        existing.remove()
+    model.qatgraph_freeze = FreezeController(model, policy.freeze)
+    return model

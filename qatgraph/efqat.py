@@ -1,0 +1,211 @@
+"""EfQAT: train only the most important weight rows (channels) or layers.
+
+Importance of an output row (conv channel / linear row) is ``mean |w|`` over the row. Modes:
+
+* ``cwpl`` — the top ``ratio`` of rows in each layer;
+* ``cwpn`` — the top ``ratio`` of rows across the whole network;
+* ``lwpn`` — whole layers, the most important first, until ``ratio`` of all rows is reached.
+
+Trainable rows of a layer are handed to its forward (``module.trainable_rows``), which routes
+through the ``qatgraph::masked_*`` ops: the backward computes the weight gradient of those rows
+only. A layer with no trainable row (LWPN) gets ``weight.requires_grad = False``, so autograd
+skips its weight-gradient GEMM entirely and optimizers skip the parameter.
+
+Frozen rows never move: gradients are zero there, but SGD momentum, weight decay and Adam state
+would still move them, so a global optimizer post-step hook restores them (and their learnable
+weight-scale entries) from a snapshot taken at each refresh — whatever loop and optimizer the
+user has. The snapshot is refreshed with the importance, every ``interval`` training samples,
+counted by a forward pre-hook on the model (a counter: nothing else runs between refreshes).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .policy import FreezeConfig
+from .qmodules import CONV_TRANSPOSE_TYPES, QuantWeightMixin
+
+log = logging.getLogger(__name__)
+
+_CONTROLLERS: weakref.WeakSet[FreezeController] = weakref.WeakSet()
+_GLOBAL_HOOK = None
+
+
+@dataclass
+class FrozenLayer:
+    name: str
+    module: nn.Module
+    partial_ok: bool  # rows can be frozen individually (masked op supports the layer)
+    rows: torch.Tensor | None = None  # trainable rows; None = whole layer trains
+    frozen_rows: torch.Tensor | None = None
+    weight_snapshot: torch.Tensor | None = None
+    scale_snapshot: torch.Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.module.weight.shape[0]
+
+    def importance(self) -> torch.Tensor:
+        weight = self.module.weight.detach()
+        return weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float()
+
+    def describe(self) -> str:
+        trainable = self.num_rows if self.rows is None else int(self.rows.numel())
+        return f"{trainable}/{self.num_rows} rows train"
+
+
+class FreezeController:
+    """Owns the frozen set of one compiled model (``model.qatgraph_freeze``)."""
+
+    def __init__(self, model: nn.Module, config: FreezeConfig) -> None:
+        self.config = config
+        self.layers = [FrozenLayer(name, module, _supports_partial(module)) for name, module in model.named_modules()
+                       if isinstance(module, QuantWeightMixin) and module.weight.requires_grad]
+        self.samples_since_refresh = 0
+        self.refreshes = 0
+        self._model_ref = weakref.ref(model)
+        self._hook = model.register_forward_pre_hook(self._count_samples)
+        _CONTROLLERS.add(self)
+        _install_global_hook()
+        self.refresh()
+
+    # --------------------------------------------------------------- selection
+    def refresh(self) -> None:
+        """Recompute importance and the trainable rows of every layer; snapshot frozen rows."""
+        mode, ratio = self.config.mode, float(self.config.ratio)
+        if mode == "cwpl":
+            selections = {id(layer): _top_rows(layer.importance(), ratio) for layer in self.layers if layer.partial_ok}
+        elif mode == "cwpn":
+            selections = self._network_rows(ratio)
+        else:
+            selections = self._network_layers(ratio)
+        for layer in self.layers:
+            self._apply(layer, selections.get(id(layer), "all"))
+        self.samples_since_refresh = 0
+        self.refreshes += 1
+        log.info("qatgraph EfQAT (%s, ratio %.3g): %d of %d rows train", mode, ratio, self.trainable_rows,
+                 self.total_rows)
+
+    def _network_rows(self, ratio: float) -> dict[int, torch.Tensor]:
+        eligible = [layer for layer in self.layers if layer.partial_ok]
+        if not eligible:
+            return {}
+        scores = torch.cat([layer.importance() for layer in eligible])
+        keep = min(scores.numel(), math.ceil(ratio * scores.numel()))
+        chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+        chosen[torch.topk(scores, keep).indices] = True
+        selections, start = {}, 0
+        for layer in eligible:
+            mask = chosen[start:start + layer.num_rows]
+            selections[id(layer)] = mask.nonzero().flatten()
+            start += layer.num_rows
+        return selections
+
+    def _network_layers(self, ratio: float) -> dict[int, torch.Tensor | str]:
+        budget = ratio * sum(layer.num_rows for layer in self.layers)
+        ranked = sorted(self.layers, key=lambda layer: float(layer.importance().mean()), reverse=True)
+        selections: dict[int, torch.Tensor | str] = {}
+        used = 0
+        for layer in ranked:
+            if used + layer.num_rows <= budget + 1e-9:
+                selections[id(layer)] = "all"
+                used += layer.num_rows
+            else:
+                selections[id(layer)] = "none"
+        return selections
+
+    def _apply(self, layer: FrozenLayer, selection: torch.Tensor | str) -> None:
+        module = layer.module
+        device = module.weight.device
+        if isinstance(selection, str):
+            module.trainable_rows = None
+            module.weight.requires_grad_(selection == "all")
+            rows = None if selection == "all" else torch.empty(0, dtype=torch.long)
+        else:
+            rows = selection.to(device=device, dtype=torch.long).sort().values
+            module.weight.requires_grad_(True)
+            module.trainable_rows = None if rows.numel() == layer.num_rows else rows
+            if rows.numel() == layer.num_rows:
+                rows = None
+        layer.rows = rows
+        if rows is None:
+            layer.frozen_rows = layer.weight_snapshot = layer.scale_snapshot = None
+            return
+        frozen = torch.ones(layer.num_rows, dtype=torch.bool, device=device)
+        frozen[rows] = False
+        layer.frozen_rows = frozen.nonzero().flatten()
+        layer.weight_snapshot = module.weight.detach().index_select(0, layer.frozen_rows).clone()
+        scale = module.weight_quantizer.scale
+        if isinstance(scale, nn.Parameter) and scale.numel() == layer.num_rows:
+            layer.scale_snapshot = scale.detach().index_select(0, layer.frozen_rows).clone()
+
+    # --------------------------------------------------------------- hooks
+    def _count_samples(self, module: nn.Module, args: tuple) -> None:
+        if not module.training or not torch.is_grad_enabled():
+            return
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.samples_since_refresh += int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+        if self.samples_since_refresh >= self.config.interval:
+            self.refresh()
+
+    @torch.no_grad()
+    def restore_frozen(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put frozen rows back exactly as they were (called after every optimizer step)."""
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for layer in self.layers:
+            if layer.frozen_rows is None or layer.frozen_rows.numel() == 0:
+                continue
+            module = layer.module
+            if id(module.weight) in params:
+                module.weight.index_copy_(0, layer.frozen_rows, layer.weight_snapshot)
+            scale = module.weight_quantizer.scale
+            if layer.scale_snapshot is not None and id(scale) in params:
+                scale.index_copy_(0, layer.frozen_rows, layer.scale_snapshot)
+
+    # --------------------------------------------------------------- reporting
+    @property
+    def total_rows(self) -> int:
+        return sum(layer.num_rows for layer in self.layers)
+
+    @property
+    def trainable_rows(self) -> int:
+        return sum(layer.num_rows if layer.rows is None else int(layer.rows.numel()) for layer in self.layers)
+
+    def describe(self) -> dict[str, str]:
+        return {layer.name: layer.describe() for layer in self.layers}
+
+    def remove(self) -> None:
+        """Back to ordinary QAT: every row trains, hooks removed."""
+        self._hook.remove()
+        for layer in self.layers:
+            layer.module.trainable_rows = None
+            layer.module.weight.requires_grad_(True)
+        _CONTROLLERS.discard(self)
+
+
+def _supports_partial(module: nn.Module) -> bool:
+    if isinstance(module, CONV_TRANSPOSE_TYPES):
+        return False  # the masked ops cover Linear and Conv1d/2d/3d
+    return not isinstance(getattr(module, "padding", 0), str)
+
+
+def _top_rows(importance: torch.Tensor, ratio: float) -> torch.Tensor:
+    keep = min(importance.numel(), math.ceil(ratio * importance.numel()))
+    return torch.topk(importance, keep).indices
+
+
+def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    for controller in list(_CONTROLLERS):
+        controller.restore_frozen(optimizer)
+
+
+def _install_global_hook() -> None:
+    global _GLOBAL_HOOK
+    if _GLOBAL_HOOK is None:
+        _GLOBAL_HOOK = register_optimizer_step_post_hook(_after_any_optimizer_step)
