@@ -114,11 +114,16 @@ def _graph_regions(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
 
 
 def _eager_layers(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]]) -> list[tuple[str, nn.Module]]:
-    if any(prefix == "" for prefix, _ in regions):
-        return []  # the whole model is one graph
-    inside = tuple(p + "." for p, _ in regions)
-    return [(name, m) for name, m in root.named_modules()
-            if name and op_kind(m) is not None and not name.startswith(inside) and name not in dict(regions)]
+    """Conv/Linear layers no graph calls directly: outside every traced region, or inside a
+    module the tracer kept as a leaf. They are quantized module-wise."""
+    called = set()
+    for prefix, region in regions:
+        for node in region.graph.nodes:
+            if node.op == "call_module":
+                called.add(f"{prefix}.{node.target}" if prefix else str(node.target))
+    region_names = {prefix for prefix, _ in regions}
+    return [(name, module) for name, module in root.named_modules()
+            if name and op_kind(module) is not None and name not in called and name not in region_names]
 
 
 def _quantize_eager_layers(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]], policy: Policy,

@@ -83,8 +83,8 @@ class QuantSpec:
         if self.calibrator not in CALIBRATORS:
             raise PolicyError(f"{where}.calibrator = {self.calibrator!r}: valid values are "
                               f"{', '.join(CALIBRATORS)}{did_you_mean(self.calibrator, CALIBRATORS)}")
-        if not 0.0 < float(self.percentile) <= 100.0:
-            raise PolicyError(f"{where}.percentile = {self.percentile!r}: use a value in (0, 100], e.g. 99.99")
+        if not _is_number(self.percentile) or not 0.0 < float(self.percentile) <= 100.0:
+            raise PolicyError(f"{where}.percentile = {self.percentile!r}: use a number in (0, 100], e.g. 99.99")
         if self.calibrator == "entropy" and self.per_channel:
             raise PolicyError(f"{where}: the entropy (KL) calibrator works on one histogram per tensor; "
                               "use granularity: per_tensor, or calibrator: max/percentile/mse for per-channel")
@@ -165,10 +165,10 @@ class FreezeConfig:
         if self.mode not in FREEZE_MODES:
             raise PolicyError(f"freeze.mode = {self.mode!r}: valid values are {', '.join(FREEZE_MODES)}"
                               f"{did_you_mean(self.mode, FREEZE_MODES)}")
-        if not 0.0 <= float(self.ratio) <= 1.0:
-            raise PolicyError(f"freeze.ratio = {self.ratio!r}: use the fraction of rows to train, in [0, 1]")
-        if int(self.interval) <= 0:
-            raise PolicyError(f"freeze.interval = {self.interval!r}: use a positive number of samples")
+        if not _is_number(self.ratio) or not 0.0 <= float(self.ratio) <= 1.0:
+            raise PolicyError(f"freeze.ratio = {self.ratio!r}: use the fraction of rows to train, a number in [0, 1]")
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval <= 0:
+            raise PolicyError(f"freeze.interval = {self.interval!r}: use a positive whole number of samples")
 
 
 @dataclass
@@ -331,9 +331,10 @@ class Policy:
         matching = [(rule.level, i, rule) for i, rule in enumerate(self.overrides)
                     if rule.matches(module_name, module_type)]
         for _, _, rule in sorted(matching, key=lambda item: (item[0], item[1])):
-            if rule.skip:
+            if rule.skip:  # a later or more specific rule decides whether the layer is skipped
                 skip_rule = rule.describe()
                 continue
+            skip_rule = None
             weight.update(rule.weight)
             activation.update(rule.activation)
             applied.append(rule.describe())
@@ -366,6 +367,10 @@ class ResolvedLayer:
     activation: QuantSpec
     skip_rule: str | None
     applied_rules: list[str]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _field_names(klass: type) -> set[str]:

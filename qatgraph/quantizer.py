@@ -56,11 +56,14 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
         shape = [1] * x.dim()
         shape[axis] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    # Same arithmetic as the ATen kernels (multiply by 1/scale, round, then shift by the zero
+    # point), so eager float32, bf16 and compiled graphs agree bit for bit, ties included.
     x32 = x.float()
-    zero_point = zero_point.to(x32.dtype)
-    clipped = torch.clamp(x32 / scale + zero_point, qmin, qmax)
+    zero_point = zero_point.to(torch.float32)
+    scaled = x32 * (1.0 / scale)
+    clipped = torch.minimum(torch.maximum(scaled, qmin - zero_point), qmax - zero_point)
     rounded = clipped + (torch.round(clipped) - clipped).detach()
-    return ((rounded - zero_point) * scale).to(x.dtype)
+    return (rounded * scale).to(x.dtype)
 
 
 class FakeQuantizer(nn.Module):
@@ -85,6 +88,7 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("enabled", torch.tensor(True))
         self.register_buffer("calibrated", torch.tensor(False))
         self.collecting = False
+        self.range_frozen = False
         self._calibrator: Calibrator | None = None
         self._batches_seen = 0
 
@@ -108,7 +112,14 @@ class FakeQuantizer(nn.Module):
     @property
     def tracks_weight_max(self) -> bool:
         """Weight scales from the ``max`` calibrator follow the weights while they train."""
-        return self.is_weight and self.spec.calibrator == "max" and not self.spec.learnable_scale
+        return self.is_weight and self.spec.calibrator == "max" and not self.spec.learnable_scale and \
+            not self.range_frozen
+
+    def freeze_range(self) -> None:
+        """Fix the scale from now on (late in QAT): no weight-max tracking, no scale gradient."""
+        self.range_frozen = True
+        if isinstance(self.scale, nn.Parameter):
+            self.scale.requires_grad_(False)
 
     def amax(self) -> torch.Tensor:
         """The clipping threshold(s) implied by the current scale (symmetric: scale * qmax)."""
@@ -198,10 +209,15 @@ class FakeQuantizer(nn.Module):
         with torch.no_grad():
             detached = weight.detach()
             if self.axis is None:
-                amax = detached.abs().amax()
+                rows = detached.reshape(1, -1)
             else:
-                amax = detached.abs().transpose(0, self.axis).reshape(detached.shape[self.axis], -1).amax(dim=1)
-            self.scale.copy_(amax.float().clamp_min(_MIN_AMAX) / self.qmax)
+                rows = detached.transpose(0, self.axis).reshape(detached.shape[self.axis], -1)
+            lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+            if self.axis is None:
+                lo, hi = lo[0], hi[0]
+            scale, zero_point = scale_zero_point(lo, hi, self.spec)
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
             self.calibrated.fill_(True)
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,12 @@ def _trace_children(module: nn.Module, prefix: str, policy: Policy, report: Trac
     tracer_for_leaves = QatTracer(policy.tracing.leaf_modules, prefix)
     for child_name, child in list(module.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
-        if tracer_for_leaves.is_leaf_module(child, child_name) or not _has_quantizable(child):
+        if not _has_quantizable(child):
+            continue
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and child_name not in policy.tracing.leaf_modules:
+            _trace_children(child, name, policy, report)  # containers have no forward of their own
+            continue
+        if tracer_for_leaves.is_leaf_module(child, child_name):
             continue
         try:
             setattr(module, child_name, trace_module(child, policy, name))
@@ -144,12 +149,12 @@ def describe_failure(exc: BaseException, module: nn.Module, name: str) -> Untrac
 
 def _suggest_fix(message: str, type_name: str) -> str:
     leaf = f"mark it a leaf (policy tracing.leaf_modules: ['{type_name}']; its Conv/Linear are then quantized module-wise)"
+    if "iterated" in message or "*args" in message:  # before "control flow": this message mentions both
+        return ("the forward loops over a traced value (e.g. a list of feature maps or a tensor's length); pass "
+                "the length as a Python constant (tracing.concrete_args) or " + leaf)
     if "control flow" in message:
         return ("the forward branches on tensor values; make the branch static with policy tracing.concrete_args, "
                 "compute it with torch.where, or " + leaf)
-    if "iterated" in message or "*args" in message:
-        return ("the forward loops over a traced value (e.g. a list of feature maps or a tensor's length); pass "
-                "the length as a Python constant (tracing.concrete_args) or " + leaf)
     if "len(" in message or "object of type 'Proxy'" in message:
         return "the forward calls len() on a traced value; use a constant shape or " + leaf
     return leaf

@@ -1,0 +1,377 @@
+"""Tests for the fake-quantizer (qatgraph/quantizer.py).
+
+Checks the numbers against hand-written references: per-tensor and per-channel fake-quant equal
+``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` with round-half-to-even; the
+straight-through estimator passes gradient 1 inside the range and 0 outside (on the ATen path,
+the bf16 path and the learnable path); ``fake_quantize_reference`` equals the ATen kernels bit
+for bit on random data and on near-tie inputs; learnable scales get LSQ's gradient;
+``scale_zero_point``/``set_range`` for symmetric and asymmetric specs, all-zero tensors
+included. Also the quantizer's states and errors: NotCalibratedError before calibration,
+CalibrationError on NaN/Inf naming the quantizer, enable/disable, a ``state_dict`` round trip,
+weight-max tracking in training mode, and 4-/2-bit grids.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import models
+import qatgraph
+from qatgraph import CalibrationError, FakeQuantizer, NotCalibratedError, QuantSpec, iter_quantizers
+from qatgraph.quantizer import fake_quantize_reference, scale_zero_point
+
+INT8_ACT = QuantSpec(bits=8, symmetric=True)                                   # [-128, 127]
+UINT8_ACT = QuantSpec(bits=8, symmetric=False)                                 # [0, 255]
+INT8_WEIGHT = QuantSpec(bits=8, symmetric=True, granularity="per_channel", narrow_range=True)  # [-127, 127]
+
+
+def manual_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      axis: int | None = None) -> torch.Tensor:
+    """``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s``, the division done in float64."""
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    codes = torch.clamp(torch.round(x.double() / scale.double()) + zero_point.double(), qmin, qmax)
+    return (codes - zero_point.double()).float() * scale.float()
+
+
+def away_from_ties(codes: torch.Tensor, scale: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Values ``(code + f) * scale`` with |f| <= 0.4: float32 and float64 rounding agree on them."""
+    offsets = (torch.rand(codes.shape, generator=generator) - 0.5) * 0.8
+    return (codes + offsets) * scale
+
+
+def calibrated(spec: QuantSpec, lo: float, hi: float, name: str = "q") -> FakeQuantizer:
+    quantizer = FakeQuantizer(spec, name=name)
+    quantizer.set_range(torch.tensor(lo), torch.tensor(hi))
+    return quantizer.eval()
+
+
+# --------------------------------------------------------------------------- values
+@pytest.mark.parametrize("spec, lo, hi", [(INT8_ACT, -3.0, 2.0), (UINT8_ACT, -1.0, 4.0), (UINT8_ACT, 0.5, 4.0)])
+def test_per_tensor_matches_manual_reference(spec: QuantSpec, lo: float, hi: float) -> None:
+    quantizer = calibrated(spec, lo, hi)
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(spec.qmin - 20, spec.qmax + 20, (4, 8, 16), generator=generator).float()
+    x = away_from_ties(codes - quantizer.zero_point.float(), quantizer.scale, generator)
+    expected = manual_fake_quant(x, quantizer.scale, quantizer.zero_point, spec.qmin, spec.qmax)
+    assert torch.equal(quantizer(x), expected)
+    # Values outside the range were clipped to the extreme codes.
+    assert (expected.max() - (spec.qmax - quantizer.zero_point) * quantizer.scale).abs() < 1e-6
+    assert (expected.min() - (spec.qmin - quantizer.zero_point) * quantizer.scale).abs() < 1e-6
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_per_channel_matches_manual_reference(axis: int) -> None:
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(6, 5, 3, 3, generator=generator) * torch.linspace(0.1, 3.0, 5).reshape(1, 5, 1, 1)
+    channels = weight.shape[axis]
+    quantizer = FakeQuantizer(INT8_WEIGHT, axis=axis, num_channels=channels, name="conv.weight_quantizer",
+                              is_weight=True)
+    quantizer.calibrate_from(weight)
+    quantizer.eval()
+    amax = weight.abs().transpose(0, axis).reshape(channels, -1).amax(dim=1)
+    assert torch.allclose(quantizer.scale, amax / 127, rtol=1e-6, atol=0)
+    assert torch.equal(quantizer.zero_point, torch.zeros(channels, dtype=torch.int32))
+    expected = manual_fake_quant(weight, quantizer.scale, quantizer.zero_point, -127, 127, axis)
+    assert torch.allclose(quantizer(weight), expected, rtol=0, atol=1e-7)
+    # The largest |w| of every channel lands exactly on code +-127.
+    codes = quantizer(weight).transpose(0, axis).reshape(channels, -1) / quantizer.scale.reshape(-1, 1)
+    assert torch.allclose(codes.abs().amax(dim=1), torch.full((channels,), 127.0), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rounds_half_to_even(dtype: torch.dtype) -> None:
+    quantizer = calibrated(INT8_ACT, -31.75, 31.75)  # scale 0.25: x / s is exact
+    assert quantizer.scale.item() == 0.25
+    x = torch.tensor([0.125, 0.375, 0.625, -0.125, -0.375, 2.5 * 0.25, 3.5 * 0.25], dtype=dtype)
+    codes = (quantizer(x).float() / 0.25).tolist()
+    assert codes == [0.0, 2.0, 2.0, 0.0, -2.0, 2.0, 4.0]
+
+
+# --------------------------------------------------------------------------- gradients
+def _ste_inputs(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = torch.tensor([0.3, -5.2, 100.4, -120.1, 126.4, -127.6, 131.0, 150.0, -129.0, -300.0])
+    inside = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.float32)
+    return codes * scale, inside
+
+
+@pytest.mark.parametrize("path", ["aten_float32", "reference_bfloat16", "learnable"])
+def test_straight_through_gradient_is_one_inside_zero_outside(path: str) -> None:
+    spec = QuantSpec(bits=8, learnable_scale=path == "learnable")
+    quantizer = calibrated(spec, -12.7, 12.7)  # scale 0.1
+    values, inside = _ste_inputs(0.1)
+    x = values.to(torch.bfloat16 if path == "reference_bfloat16" else torch.float32).requires_grad_(True)
+    quantizer(x).float().sum().backward()
+    assert torch.equal(x.grad.float(), inside)
+
+
+def test_learnable_scale_gets_lsq_gradient_per_tensor() -> None:
+    quantizer = calibrated(QuantSpec(bits=8, learnable_scale=True), -63.5, 63.5)  # scale 0.5
+    assert isinstance(quantizer.scale, torch.nn.Parameter) and quantizer.scale.item() == 0.5
+    v = torch.tensor([0.6, -1.6, 2.2, 140.0, -160.0, 0.2, 7.0])
+    out = quantizer(v * 0.5)
+    out.sum().backward()
+    # LSQ: d x_hat / d s = round(v) - v inside, qmin / qmax when clipped; times g = 1/sqrt(N * qmax).
+    per_element = [round(t) - t if -128 < t < 127 else (127.0 if t >= 127 else -128.0) for t in v.tolist()]
+    expected = sum(per_element) / math.sqrt(v.numel() * 127)
+    assert quantizer.scale.grad is not None and quantizer.scale.grad.item() != 0.0
+    assert quantizer.scale.grad.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(out, torch.tensor([0.5, -1.0, 1.0, 63.5, -64.0, 0.0, 3.5]))
+
+
+def test_learnable_scale_gets_lsq_gradient_per_channel() -> None:
+    spec = QuantSpec(bits=4, granularity="per_channel", narrow_range=True, learnable_scale=True)
+    quantizer = FakeQuantizer(spec, axis=0, num_channels=2, name="w", is_weight=True)
+    quantizer.set_range(torch.tensor([-7.0, -3.5]), torch.tensor([7.0, 3.5]))  # scales 1.0 and 0.5
+    quantizer.train()
+    v = torch.tensor([[0.3, 2.6, 9.0], [-1.2, -8.0, 4.4]])
+    quantizer(v * quantizer.scale.detach().reshape(2, 1)).sum().backward()
+    grad_scale = 1 / math.sqrt(3 * 7)  # N = elements per channel
+    expected = [sum(round(t) - t if -7 < t < 7 else math.copysign(7.0, t) for t in row) * grad_scale
+                for row in v.tolist()]
+    assert torch.allclose(quantizer.scale.grad, torch.tensor(expected), rtol=1e-5)
+    assert quantizer.tracks_weight_max is False  # a learnable scale is trained, not overwritten
+
+
+# --------------------------------------------------------------------------- reference vs ATen
+def _random_and_near_ties(scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None,
+                          generator: torch.Generator) -> torch.Tensor:
+    """Random values plus values one ulp around x.5 code boundaries, where the rounding of
+    x / s and x * (1 / s) can disagree."""
+    shape = (64, 16, 32)
+    random = torch.randn(shape, generator=generator) * 3
+    if axis is not None:
+        view = [1] * len(shape)
+        view[axis] = -1
+        scale, zero_point = scale.reshape(view), zero_point.reshape(view)
+    codes = torch.randint(-140, 140, shape, generator=generator).float() + 0.5
+    ties = codes * scale
+    up, down = torch.nextafter(ties, torch.full_like(ties, math.inf)), torch.nextafter(ties, torch.full_like(ties, -math.inf))
+    return torch.cat([random, ties, up, down])
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+@pytest.mark.parametrize("axis", [None, 1], ids=["per_tensor", "per_channel"])
+def test_reference_equals_aten_bit_for_bit(symmetric: bool, axis: int | None) -> None:
+    generator = torch.Generator().manual_seed(3)
+    qmin, qmax = (-128, 127) if symmetric else (0, 255)
+    if axis is None:
+        scale = torch.tensor(0.0123)
+        zero_point = torch.tensor(0 if symmetric else 131, dtype=torch.int32)
+    else:
+        scale = torch.rand(16, generator=generator) * 0.05 + 0.005
+        zero_point = (torch.zeros(16, dtype=torch.int32) if symmetric
+                      else torch.randint(0, 256, (16,), generator=generator, dtype=torch.int32))
+    x = _random_and_near_ties(scale, zero_point, axis, generator)
+    if axis is None:
+        aten = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    else:
+        aten = torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+    reference = fake_quantize_reference(x, scale, zero_point, qmin, qmax, axis)
+    mismatches = (aten != reference).sum().item()
+    assert mismatches == 0, f"{mismatches} of {x.numel()} values differ (by a whole quantization step)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_returns_same_dtype(dtype: torch.dtype) -> None:
+    quantizer = calibrated(INT8_ACT, -4.0, 4.0)
+    generator = torch.Generator().manual_seed(4)
+    x = (torch.randn(8, 32, generator=generator) * 2).to(dtype)
+    out = quantizer(x)
+    assert out.dtype == dtype
+    expected = manual_fake_quant(x.float(), quantizer.scale, quantizer.zero_point, -128, 127).to(dtype)
+    assert torch.equal(out, expected)
+    weights = FakeQuantizer(INT8_WEIGHT, axis=0, num_channels=8, name="w", is_weight=True)
+    weights.calibrate_from(x.float())
+    assert weights.eval()(x).dtype == dtype
+
+
+# --------------------------------------------------------------------------- scale and zero-point
+def test_symmetric_scale_is_amax_over_qmax() -> None:
+    scale, zero_point = scale_zero_point(torch.tensor(-3.0), torch.tensor(2.0), INT8_ACT)
+    assert scale.item() == pytest.approx(3.0 / 127) and zero_point.item() == 0 and zero_point.dtype == torch.int32
+    scale, _ = scale_zero_point(torch.tensor(-1.0), torch.tensor(5.0), QuantSpec(bits=4, narrow_range=True))
+    assert scale.item() == pytest.approx(5.0 / 7)
+
+
+@pytest.mark.parametrize("lo, hi", [(-2.0, 6.0), (1.0, 5.0), (-5.0, -1.0), (-0.001, 10.0)])
+def test_asymmetric_range_includes_zero_exactly(lo: float, hi: float) -> None:
+    quantizer = calibrated(UINT8_ACT, lo, hi)
+    scale, zero_point = quantizer.scale.item(), quantizer.zero_point.item()
+    covered_lo, covered_hi = min(lo, 0.0), max(hi, 0.0)
+    assert scale == pytest.approx((covered_hi - covered_lo) / 255, rel=1e-6)
+    assert isinstance(zero_point, int) and 0 <= zero_point <= 255
+    assert quantizer(torch.tensor([0.0])).item() == 0.0  # zero is exactly representable
+    ends = quantizer(torch.tensor([covered_lo, covered_hi]))
+    assert torch.allclose(ends, torch.tensor([covered_lo, covered_hi]), atol=scale)
+
+
+@pytest.mark.parametrize("spec, axis", [(INT8_ACT, None), (UINT8_ACT, None), (INT8_WEIGHT, 0)])
+def test_all_zero_tensor_gives_valid_scale(spec: QuantSpec, axis: int | None) -> None:
+    quantizer = FakeQuantizer(spec, axis=axis, num_channels=3, name="zeros")
+    data = torch.zeros(3, 4)
+    if axis is not None:
+        data[1] = torch.tensor([0.5, -1.0, 0.25, 0.0])  # one live channel next to dead ones
+    quantizer.calibrate_from(data)
+    assert torch.isfinite(quantizer.scale).all() and (quantizer.scale > 0).all()
+    assert ((quantizer.zero_point >= spec.qmin) & (quantizer.zero_point <= spec.qmax)).all()
+    out = quantizer.eval()(data)
+    assert torch.isfinite(out).all() and torch.allclose(out, data, atol=1.0 / 127)
+
+
+# --------------------------------------------------------------------------- states and errors
+def test_forward_before_calibration_raises_naming_the_quantizer() -> None:
+    quantizer = FakeQuantizer(INT8_ACT, name="layer1.0.quantizers.x")
+    with pytest.raises(NotCalibratedError, match=r"'layer1\.0\.quantizers\.x'.*qatgraph\.calibrate"):
+        quantizer(torch.randn(4))
+    weights = FakeQuantizer(INT8_WEIGHT, axis=0, num_channels=4, name="fc.weight_quantizer", is_weight=True).eval()
+    with pytest.raises(NotCalibratedError, match="fc.weight_quantizer"):
+        weights(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("bad, word", [(math.nan, "NaN"), (math.inf, "Inf"), (-math.inf, "Inf")])
+def test_non_finite_calibration_data_raises_naming_the_quantizer(bad: float, word: str) -> None:
+    quantizer = FakeQuantizer(INT8_ACT, name="stem.quantizers.relu")
+    quantizer.start_calibration()
+    quantizer(torch.randn(8))
+    batch = torch.randn(8)
+    batch[3] = bad
+    with pytest.raises(CalibrationError, match=rf"'stem\.quantizers\.relu' received {word} values in calibration batch 2"):
+        quantizer(batch)
+
+
+def test_calibration_without_data_raises_naming_the_quantizer() -> None:
+    quantizer = FakeQuantizer(INT8_ACT, name="head.quantizers.x")
+    quantizer.start_calibration()
+    with pytest.raises(CalibrationError, match=r"'head\.quantizers\.x' saw no data"):
+        quantizer.finish_calibration()
+
+
+def test_calibrate_rejects_nan_batch_and_keeps_previous_scales() -> None:
+    compiled = qatgraph.compile(models.ConvBNReLUStack(16, (32, 32)), "tensorrt")
+    good = torch.randn(2, 16, 8, 8)
+    qatgraph.calibrate(compiled, [good])
+    before = {name: q.scale.clone() for name, q in iter_quantizers(compiled)}
+    bad = good.clone()
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(CalibrationError, match=r"quantizer 'quantizers\.x' received NaN"):
+        qatgraph.calibrate(compiled, [good, bad])
+    assert all(torch.equal(q.scale, before[name]) for name, q in iter_quantizers(compiled))
+    assert not any(q.collecting for _, q in iter_quantizers(compiled))
+
+
+def test_enable_disable() -> None:
+    quantizer = FakeQuantizer(INT8_ACT, name="q")
+    x = torch.randn(16) * 3
+    assert quantizer.disable() is quantizer and not quantizer.is_enabled
+    assert torch.equal(quantizer(x), x)  # disabled: identity, even before calibration
+    quantizer.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+    assert torch.equal(quantizer(x), x)
+    quantizer.enable()
+    assert quantizer.is_enabled and quantizer(x).abs().max() <= 128 / 127 + 1e-6
+    assert not torch.equal(quantizer(x), x)
+
+
+@pytest.mark.parametrize("spec, axis", [(UINT8_ACT, None), (INT8_WEIGHT, 0)])
+def test_state_dict_round_trip_into_fresh_quantizer(spec: QuantSpec, axis: int | None) -> None:
+    source = FakeQuantizer(spec, axis=axis, num_channels=4, name="src", is_weight=axis is not None)
+    data = torch.randn(4, 8) * torch.arange(1, 5).reshape(4, 1)
+    source.calibrate_from(data + 0.5)
+    source.disable()
+    state = source.state_dict()
+    assert set(state) == {"scale", "zero_point", "enabled", "calibrated"}
+    fresh = FakeQuantizer(spec, axis=axis, num_channels=4, name="dst", is_weight=axis is not None)
+    assert not fresh.is_calibrated and fresh.is_enabled
+    fresh.load_state_dict(state)
+    assert fresh.is_calibrated and not fresh.is_enabled
+    assert torch.equal(fresh.scale, source.scale) and torch.equal(fresh.zero_point, source.zero_point)
+    fresh.enable()
+    source.enable()
+    assert torch.equal(fresh.eval()(data), source.eval()(data))
+
+
+def test_weight_max_tracks_weight_in_training_and_holds_in_eval() -> None:
+    quantizer = FakeQuantizer(INT8_WEIGHT, axis=0, num_channels=4, name="conv.weight_quantizer", is_weight=True)
+    assert quantizer.tracks_weight_max
+    weight = torch.randn(4, 8)
+    quantizer.calibrate_from(weight)
+    grown = weight * torch.tensor([[1.0], [2.0], [0.5], [3.0]])
+    quantizer.train()
+    out = quantizer(grown)  # training: the scale follows the weight being quantized
+    assert torch.allclose(quantizer.scale, grown.abs().amax(dim=1) / 127)
+    assert torch.allclose(out, grown, atol=quantizer.scale.max().item())
+    quantizer.eval()
+    quantizer(grown * 10)  # eval: keeps the last scale
+    assert torch.allclose(quantizer.scale, grown.abs().amax(dim=1) / 127)
+
+
+def test_weight_max_tracking_starts_an_uncalibrated_weight_quantizer() -> None:
+    quantizer = FakeQuantizer(INT8_WEIGHT, axis=0, num_channels=2, name="w", is_weight=True).train()
+    weight = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    quantizer(weight)
+    assert quantizer.is_calibrated and torch.allclose(quantizer.scale, torch.tensor([2.0, 0.5]) / 127)
+
+
+@pytest.mark.parametrize("spec, is_weight", [
+    (QuantSpec(granularity="per_channel", calibrator="percentile"), True),
+    (QuantSpec(calibrator="max"), False),
+])
+def test_only_max_weight_quantizers_track(spec: QuantSpec, is_weight: bool) -> None:
+    quantizer = FakeQuantizer(spec, axis=0, num_channels=2, name="q", is_weight=is_weight)
+    assert not quantizer.tracks_weight_max
+    quantizer.set_range(torch.tensor(-1.0).expand(quantizer.scale.shape), torch.tensor(1.0).expand(quantizer.scale.shape))
+    scale = quantizer.scale.clone()
+    quantizer.train()(torch.randn(2, 4) * 10)
+    assert torch.equal(quantizer.scale, scale)
+
+
+def test_asymmetric_weight_tracking_keeps_range_and_zero_point_consistent() -> None:
+    # An asymmetric weight spec (allowed for onnxruntime/generic targets) with the max calibrator
+    # must track (min, max) and its zero-point, not overwrite the scale with amax / qmax while
+    # keeping the old zero-point (which clips about half of each channel's range).
+    spec = QuantSpec(bits=8, symmetric=False, granularity="per_channel", calibrator="max")
+    quantizer = FakeQuantizer(spec, axis=0, num_channels=4, name="w", is_weight=True)
+    weight = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    quantizer.calibrate_from(weight)
+    expected_scale, expected_zero_point = quantizer.scale.clone(), quantizer.zero_point.clone()
+    out = quantizer.train()(weight)
+    assert torch.allclose(quantizer.scale, expected_scale) and torch.equal(quantizer.zero_point, expected_zero_point)
+    assert (out - weight).abs().max() <= quantizer.scale.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("spec, codes", [
+    (QuantSpec(bits=4, narrow_range=True), set(range(-7, 8))),
+    (QuantSpec(bits=4), set(range(-8, 8))),
+    (QuantSpec(bits=4, symmetric=False), set(range(16))),
+    (QuantSpec(bits=2, narrow_range=True), {-1, 0, 1}),
+])
+def test_low_bit_grids(spec: QuantSpec, codes: set[int]) -> None:
+    quantizer = FakeQuantizer(spec, name="low")
+    quantizer.calibrate_from(torch.linspace(-1.0 if spec.symmetric else 0.0, 1.0, 101))
+    x = torch.linspace(-2.0, 2.0, 401)
+    levels = (quantizer.eval()(x) / quantizer.scale + quantizer.zero_point.float())
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert set(levels.round().int().tolist()) == codes
+
+
+def test_per_channel_spec_needs_axis_and_channel_count() -> None:
+    with pytest.raises(ValueError, match="'w' needs axis and num_channels"):
+        FakeQuantizer(INT8_WEIGHT, name="w")
+
+
+def test_iter_quantizers_yields_shared_quantizer_once() -> None:
+    shared = FakeQuantizer(INT8_ACT, name="shared")
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.ModuleDict({"c": shared}),
+                                 "d": FakeQuantizer(INT8_ACT, name="d")})
+    assert [name for name, _ in iter_quantizers(model)] == ["a", "d"]
+
+
+def test_repr_says_what_the_quantizer_does() -> None:
+    quantizer = FakeQuantizer(UINT8_ACT, name="q")
+    assert "int8 asymmetric per-tensor [0, 255]" in repr(quantizer) and "uncalibrated" in repr(quantizer)
+    quantizer.set_range(torch.tensor(0.0), torch.tensor(2.55))
+    assert "amax=" in repr(quantizer)
