@@ -87,6 +87,11 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.register_buffer("enabled", torch.tensor(True))
         self.register_buffer("calibrated", torch.tensor(False))
+        # Python mirrors of the two flags: forward branches on them without reading a tensor,
+        # so torch.compile sees constants (no graph break); kept in sync on every change.
+        self._enabled_flag = True
+        self._calibrated_flag = False
+        self.register_load_state_dict_post_hook(_sync_flags)
         self.collecting = False
         self.range_frozen = False
         self._calibrator: Calibrator | None = None
@@ -103,11 +108,11 @@ class FakeQuantizer(nn.Module):
 
     @property
     def is_enabled(self) -> bool:
-        return bool(self.enabled)
+        return self._enabled_flag
 
     @property
     def is_calibrated(self) -> bool:
-        return bool(self.calibrated)
+        return self._calibrated_flag
 
     @property
     def tracks_weight_max(self) -> bool:
@@ -131,6 +136,7 @@ class FakeQuantizer(nn.Module):
 
     def enable(self, on: bool = True) -> FakeQuantizer:
         self.enabled.fill_(bool(on))
+        self._enabled_flag = bool(on)
         return self
 
     def disable(self) -> FakeQuantizer:
@@ -171,6 +177,7 @@ class FakeQuantizer(nn.Module):
             self.scale.copy_(scale.to(self.scale.device).reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.to(self.zero_point.device).reshape(self.zero_point.shape))
         self.calibrated.fill_(True)
+        self._calibrated_flag = True
 
     def calibrate_from(self, tensor: torch.Tensor) -> None:
         """One-shot calibration from a tensor (weights: they are known at compile time)."""
@@ -195,11 +202,11 @@ class FakeQuantizer(nn.Module):
         if self.collecting:
             self._collect(x)
             return x
-        if not self.enabled:
+        if not self._enabled_flag:
             return x
         if self.training and self.tracks_weight_max:
             self._track_weight_max(x)
-        elif not self.calibrated:
+        elif not self._calibrated_flag:
             raise NotCalibratedError(
                 f"quantizer {self.name!r} has no scale yet: run qatgraph.calibrate(model, batches) before "
                 "training or evaluating the compiled model (or disable this quantizer).")
@@ -218,7 +225,9 @@ class FakeQuantizer(nn.Module):
             scale, zero_point = scale_zero_point(lo, hi, self.spec)
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
-            self.calibrated.fill_(True)
+            if not self._calibrated_flag:
+                self.calibrated.fill_(True)
+                self._calibrated_flag = True
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.scale, self.zero_point
@@ -240,6 +249,11 @@ class FakeQuantizer(nn.Module):
         calibrated = f"amax={self.amax().max().item():.4g}" if self.is_calibrated else "uncalibrated"
         learn = ", learnable" if spec.learnable_scale else ""
         return f"int{spec.bits} {sym} {kind} [{spec.qmin}, {spec.qmax}] {spec.calibrator}{learn}, {state}, {calibrated}"
+
+
+def _sync_flags(quantizer: FakeQuantizer, _incompatible_keys) -> None:
+    quantizer._enabled_flag = bool(quantizer.enabled)
+    quantizer._calibrated_flag = bool(quantizer.calibrated)
 
 
 def iter_quantizers(model: nn.Module):
