@@ -9,18 +9,34 @@
 from __future__ import annotations
 
 from .calibrate import calibrate
-from .errors import (BackendUnavailableError, CalibrationError, ExportError, NotCalibratedError, PolicyError,
-                     QatgraphError, SensitivityError, TraceError)
+from .errors import (
+                     BackendUnavailableError,
+                     CalibrationError,
+                     ExportError,
+                     NotCalibratedError,
+                     PolicyError,
+                     QatgraphError,
+                     SensitivityError,
+                     TraceError,
+)
+from .finetune import FinetuneHistory, finetune, recipe
 from .info import CompileInfo, LayerDecision, QatgraphWarning
 from .pipeline import compile  # noqa: A004 - the public name users expect
-from .policy import FreezeConfig, LayerRule, Policy, QuantSpec, SensitivityConfig, TracingConfig
+from .policy import (
+                     FreezeConfig,
+                     LayerRule,
+                     Policy,
+                     QuantSpec,
+                     SensitivityConfig,
+                     TracingConfig,
+)
 from .quantizer import FakeQuantizer, iter_quantizers
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "calibrate", "summary", "Summary",
+    "compile", "calibrate", "summary", "Summary", "finetune", "recipe", "FinetuneHistory",
     "Policy", "QuantSpec", "LayerRule", "FreezeConfig", "SensitivityConfig", "TracingConfig",
     "FakeQuantizer", "iter_quantizers", "CompileInfo", "LayerDecision", "QatgraphWarning",
     "QatgraphError", "PolicyError", "TraceError", "CalibrationError", "NotCalibratedError", "ExportError",
