@@ -173,7 +173,7 @@ class FreezeConfig:
 
 @dataclass
 class SensitivityConfig:
-    """Automatic skip-list selection when ``compile`` is given data (see qatgraph/sensitivity)."""
+    """Automatic skip-list selection when ``compile`` is given data (see qatgraph/sensitivity_analysis.py)."""
 
     mode: Literal["fast", "full"] = "fast"
     num_samples: int = 256
