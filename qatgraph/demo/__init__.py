@@ -28,8 +28,8 @@ from .steps import export_and_evaluate, measure_backward, print_table
 
 @dataclass
 class DemoSettings:
-    fp32_epochs: int = 15
-    qat_epochs: int = 3
+    fp32_epochs: int = 10
+    qat_epochs: int = 2
     batch_size: int = 64
     base_lr: float = 0.1
     calibration_batches: int = 8
