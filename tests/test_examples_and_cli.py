@@ -1,0 +1,92 @@
+"""The examples, the CLI and the demo run end to end (small sizes), so they cannot rot."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qatgraph.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QATGRAPH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_resnet_example_runs(tmp_path):
+    process = run_example("resnet_qat.py", "--small", "--out", str(tmp_path))
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "0 lint errors" in process.stdout and "ORT parity" in process.stdout
+    assert (tmp_path / "sensitivity" / "sensitivity.html").exists()
+
+
+def _tiny_model_module(tmp_path) -> str:
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "from qatgraph.demo.model import SmallResNet\n"
+        "def tiny():\n    return SmallResNet(in_channels=3, num_classes=10, widths=(16, 32), blocks_per_stage=1)\n")
+    return str(tmp_path)
+
+
+def test_cli_compile_calibrate_export_lint_parity(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(_tiny_model_module(tmp_path))
+    checkpoint, onnx_path = str(tmp_path / "qat.pt"), str(tmp_path / "model.onnx")
+    torch.save(torch.randn(32, 3, 16, 16), tmp_path / "inputs.pt")
+    assert main(["compile", "userpkg.nets:tiny", "--input-shape", "1,3,16,16", "-o", checkpoint]) == 0
+    assert main(["calibrate", checkpoint, "--data", str(tmp_path / "inputs.pt"), "--num-batches", "2",
+                 "--batch-size", "8"]) == 0
+    assert main(["export", checkpoint, "-o", onnx_path]) == 0
+    assert main(["lint", onnx_path]) == 0
+    assert main(["parity", checkpoint, onnx_path, "--data", str(tmp_path / "inputs.pt"), "--num-samples", "16"]) == 0
+    assert main(["summary", checkpoint]) == 0
+    out = capsys.readouterr().out
+    assert "clean for tensorrt" in out and "ORT parity" in out and "layers.0.0.conv1" in out
+
+
+def test_cli_errors_are_clear_and_exit_2(tmp_path, capsys):
+    assert main(["compile", "no_such_module:factory", "--input-shape", "1,3,8,8"]) == 2
+    assert "cannot import 'no_such_module'" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path / "missing.pt"), "--data", "random"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compile", "x:y", "--input-shape", "1,a"])
+
+
+def test_cli_lint_lists_rules(capsys):
+    assert main(["lint", "--rules"]) == 0
+    assert "qdq-before-residual-add" in capsys.readouterr().out
+
+
+def test_cli_build_engine_without_tensorrt_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("TRTEXEC", raising=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"")
+    assert main(["build-engine", str(onnx_file), "-o", str(tmp_path / "m.engine")]) == 2
+    assert "qatgraph[tensorrt]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_every_artifact(tmp_path):
+    from qatgraph.demo import run_demo
+
+    result = run_demo(out_dir=str(tmp_path), quick=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("fp32_acc", "ptq_acc", "qat_acc", "efqat_acc", "ort_int8_acc", "qat_backward_ms", "ort_int8_ms"):
+        assert key in summary, key
+    assert summary["fp32_acc"] > 0.8 and summary["ort_parity_top1"] > 0.95
+    assert summary["lint_errors"] == 0
+    for name in ("model_int8.onnx", "model_fp32.onnx", "sensitivity/sensitivity.html"):
+        assert (tmp_path / name).exists(), name
+    assert result.metrics["qat_acc"] == summary["qat_acc"]
