@@ -11,7 +11,9 @@ does). It returns one :class:`Finding` per violation, naming the node (``node.na
 stable ``op_type#index``), the concrete values involved and what to change. Rule ids and
 one-line descriptions are in :data:`RULES`; the rationale is DESIGN.md's "TensorRT
 explicit-quantization rules". Target ``onnxruntime`` applies the same rules except that
-activations may use uint8 / non-zero zero points and tiny layers are not reported.
+activations may use uint8 / non-zero zero points, tiny layers are not reported, and the residual-add
+rules (TensorRT's conv+add fusion) do not apply: ONNX Runtime fuses an Add whose inputs are both
+quantized into QLinearAdd.
 """
 from __future__ import annotations
 
@@ -285,6 +287,8 @@ def _add_input_kind(graph: GraphIndex, tensor: str) -> str:
 
 
 def _check_residual_adds(graph: GraphIndex, target: str) -> Iterator[Finding]:
+    if target != "tensorrt":
+        return  # conv+add fusion is TensorRT's; ONNX Runtime wants both inputs quantized (QLinearAdd)
     for node, label in zip(graph.nodes, graph.labels):
         if node.op_type != "Add" or len(node.input) != 2:
             continue

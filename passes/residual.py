@@ -9,6 +9,10 @@ weighted op reached through BN/Dropout/Identity only (a "chain" TensorRT fuses i
 * when both inputs are chains (a downsample block), the branch with fewer weighted ops from
   the graph inputs (the shorter one) is the skip; on a tie the second operand is.
 The decision is recorded on the Add node (``node.meta["qatgraph.residual"]``).
+
+Target ``onnxruntime`` differs: ONNX Runtime's x86 kernels fuse DQ→Conv→Q into QLinearConv and
+an Add with both inputs dequantized (DQ, DQ → Add → Q) into QLinearAdd, and nothing fuses an Add
+into a conv; so there both inputs are quantized (the conv chain's output too).
 """
 from __future__ import annotations
 
@@ -40,6 +44,9 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
         spec = op_annotation(main).activation_spec
         quantize_edge(inputs[skip_index], node, skip_index, spec,
                       f"residual skip input of {node.name} (fuses into {op_annotation(main).layer})")
+        if policy.target == "onnxruntime":
+            quantize_edge(inputs[1 - skip_index], node, 1 - skip_index, spec,
+                          f"residual main input of {node.name} (QLinearAdd in ONNX Runtime)")
         node.meta[RESIDUAL_KEY] = {"skip_arg": skip_index, "main_layer": op_annotation(main).layer}
     return gm
 

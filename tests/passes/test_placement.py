@@ -141,3 +141,9 @@ def test_onnxruntime_preset_quantizes_stem_and_head():
     qmodel = qatgraph.compile(resnet18_like().eval(), "onnxruntime", example_inputs=(torch.randn(1, 3, 32, 32),))
     assert qmodel.qatgraph_info.layer("conv1").quantized and qmodel.qatgraph_info.layer("fc").quantized
     assert qmodel.quantizers.x.spec.qmin == 0 and qmodel.quantizers.x.spec.qmax == 255
+
+
+def test_onnxruntime_target_quantizes_both_residual_inputs():
+    """ONNX Runtime fuses DQ,DQ -> Add -> Q into QLinearAdd (and no Add into a conv): both inputs."""
+    qmodel = compile_block("basic_identity", "onnxruntime")
+    assert quantized_edges(qmodel) == {"x": {"conv1", "add"}, "relu": {"conv2"}, "bn2": {"add"}}
