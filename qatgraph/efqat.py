@@ -19,6 +19,7 @@ counted by a forward pre-hook on the model (a counter: nothing else runs between
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import weakref
@@ -69,8 +70,7 @@ class FreezeController:
                        if isinstance(module, QuantWeightMixin) and module.weight.requires_grad]
         self.samples_since_refresh = 0
         self.refreshes = 0
-        self._model_ref = weakref.ref(model)
-        self._hook = model.register_forward_pre_hook(self._count_samples)
+        self._hook = model.register_forward_pre_hook(self._count_samples, with_kwargs=True)
         _CONTROLLERS.add(self)
         _install_global_hook()
         self.refresh()
@@ -97,7 +97,7 @@ class FreezeController:
         if not eligible:
             return {}
         scores = torch.cat([layer.importance() for layer in eligible])
-        keep = min(scores.numel(), math.ceil(ratio * scores.numel()))
+        keep = _count(ratio, scores.numel())
         chosen = torch.zeros(scores.numel(), dtype=torch.bool)
         chosen[torch.topk(scores, keep).indices] = True
         selections, start = {}, 0
@@ -123,13 +123,18 @@ class FreezeController:
     def _apply(self, layer: FrozenLayer, selection: torch.Tensor | str) -> None:
         module = layer.module
         device = module.weight.device
+        scale = module.weight_quantizer.scale
         if isinstance(selection, str):
             module.trainable_rows = None
             module.weight.requires_grad_(selection == "all")
+            if isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen:
+                scale.requires_grad_(selection == "all")  # an LSQ scale gradient would need the weight GEMM
             rows = None if selection == "all" else torch.empty(0, dtype=torch.long)
         else:
             rows = selection.to(device=device, dtype=torch.long).sort().values
             module.weight.requires_grad_(True)
+            if isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen:
+                scale.requires_grad_(True)
             module.trainable_rows = None if rows.numel() == layer.num_rows else rows
             if rows.numel() == layer.num_rows:
                 rows = None
@@ -141,15 +146,14 @@ class FreezeController:
         frozen[rows] = False
         layer.frozen_rows = frozen.nonzero().flatten()
         layer.weight_snapshot = module.weight.detach().index_select(0, layer.frozen_rows).clone()
-        scale = module.weight_quantizer.scale
         if isinstance(scale, nn.Parameter) and scale.numel() == layer.num_rows:
             layer.scale_snapshot = scale.detach().index_select(0, layer.frozen_rows).clone()
 
     # --------------------------------------------------------------- hooks
-    def _count_samples(self, module: nn.Module, args: tuple) -> None:
+    def _count_samples(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not module.training or not torch.is_grad_enabled():
             return
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         self.samples_since_refresh += int(first.shape[0]) if first is not None and first.dim() > 0 else 1
         if self.samples_since_refresh >= self.config.interval:
             self.refresh()
@@ -180,9 +184,20 @@ class FreezeController:
     def describe(self) -> dict[str, str]:
         return {layer.name: layer.describe() for layer in self.layers}
 
+    def __deepcopy__(self, memo: dict) -> FreezeController:
+        """A copy bound to the copied model (its modules come from ``memo``) that restores its own
+        frozen rows: the copy of the model keeps a copy of the counting hook, bound to this clone."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            setattr(clone, key, None if key == "_hook" else copy.deepcopy(value, memo))
+        _CONTROLLERS.add(clone)
+        return clone
+
     def remove(self) -> None:
         """Back to ordinary QAT: every row trains, hooks removed."""
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
         for layer in self.layers:
             layer.module.trainable_rows = None
             layer.module.weight.requires_grad_(True)
@@ -195,8 +210,13 @@ def _supports_partial(module: nn.Module) -> bool:
     return not isinstance(getattr(module, "padding", 0), str)
 
 
+def _count(ratio: float, total: int) -> int:
+    """ceil(ratio * total), immune to float noise (0.55 * 100 is 55.00000000000001)."""
+    return min(total, math.ceil(round(ratio * total, 9)))
+
+
 def _top_rows(importance: torch.Tensor, ratio: float) -> torch.Tensor:
-    keep = min(importance.numel(), math.ceil(ratio * importance.numel()))
+    keep = _count(ratio, importance.numel())
     return torch.topk(importance, keep).indices
 
 

@@ -70,6 +70,27 @@ class CompileInfo:
         return [d.layer for d in self.layers if not d.quantized]
 
 
+QATGRAPH_ATTRIBUTES = ("qatgraph_info", "trace_report", "qatgraph_freeze")
+
+
+def _deepcopy_keeping_state(self, memo: dict):
+    """GraphModule's deepcopy keeps only the graph, submodules and ``meta``: copy ours too."""
+    import copy
+
+    result = fx.GraphModule.__deepcopy__(self, memo)
+    for attribute in QATGRAPH_ATTRIBUTES:
+        if attribute in self.__dict__:
+            setattr(result, attribute, copy.deepcopy(self.__dict__[attribute], memo))
+    return result
+
+
+def keep_state_on_deepcopy(model: nn.Module) -> None:
+    """Make ``copy.deepcopy`` of a compiled GraphModule keep qatgraph's attributes. Each
+    GraphModule has a class of its own (copies subclass it), so this touches no other model."""
+    if isinstance(model, fx.GraphModule):
+        type(model).__deepcopy__ = _deepcopy_keeping_state
+
+
 def compile_info(model: nn.Module) -> CompileInfo:
     from .errors import QatgraphError
 

@@ -24,7 +24,7 @@ from qatgraph.passes import annotate, freeze, fuse, materialize, residual, skip
 
 from .annotations import op_annotation
 from .errors import QatgraphError, TraceError
-from .info import CompileInfo, LayerDecision, QatgraphWarning
+from .info import CompileInfo, LayerDecision, QatgraphWarning, keep_state_on_deepcopy
 from .policy import Policy
 from .qmodules import op_kind, quantize_module
 from .tracing import trace_model
@@ -80,6 +80,7 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
     root.train(was_training)
     info = CompileInfo(policy=policy, trace_report=report, layers=decisions)
+    keep_state_on_deepcopy(root)
     root.qatgraph_info = info
     root.trace_report = report
     freeze.apply(root, policy)
