@@ -101,6 +101,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
     exporter = _choose_exporter(exporter, opset)
     args = _as_args(example_inputs)
     target = target or _policy_target(qmodel)
+    if isinstance(qmodel, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        qmodel = qmodel.module  # the wrappers only scatter batches, and torch.onnx.export rejects them
     if target not in TARGETS:
         raise ExportError(f"unknown lint target {target!r}{did_you_mean(target, TARGETS)}; use one of {', '.join(TARGETS)}")
     module, folded = onnx_qdq.prepare_for_export(qmodel, opset)

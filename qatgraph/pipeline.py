@@ -5,7 +5,10 @@ annotation until ``materialize``, so the skip pass runs *before* the residual pa
 conv must not pull a quantizer onto its residual skip input), and one pass turns the final
 annotations into modules:
 
-    fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
+    attention → fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
+
+``attention`` decomposes ``scaled_dot_product_attention`` into matmul/softmax/matmul so that
+annotate sees both attention GEMMs (passes/attention.py).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qatgraph.passes import annotate, freeze, fuse, materialize, residual, skip
+from qatgraph.passes import annotate, attention, freeze, fuse, materialize, residual, skip
 
 from .annotations import op_annotation
 from .errors import QatgraphError, TraceError
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 GraphPass = Callable[[fx.GraphModule, Policy], fx.GraphModule]
 PASSES: list[tuple[str, GraphPass]] = [
+    ("attention", attention.run),
     ("fuse", fuse.run),
     ("annotate", annotate.run),
     ("skip", skip.run),
@@ -167,4 +171,16 @@ def _propagate_shapes(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModu
     for name, region in regions:
         if name in captured:
             with torch.no_grad():
-                ShapeProp(region).propagate(*captured[name])
+                _ShapeProp(region).propagate(*captured[name])
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that binds a ``**kwargs`` placeholder to ``{}``: torch.fx's Interpreter gives every
+    starred placeholder the leftover positional arguments as a list, and ``kwargs.get(...)`` then
+    fails on models with a ``forward(self, x, **kwargs)``. Only positional example inputs are
+    captured, so the keyword arguments are empty by construction."""
+
+    def placeholder(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if str(target).startswith("**"):
+            return {}
+        return super().placeholder(target, args, kwargs)

@@ -152,6 +152,10 @@ def _suggest_fix(message: str, type_name: str) -> str:
     if "iterated" in message or "*args" in message:  # before "control flow": this message mentions both
         return ("the forward loops over a traced value (e.g. a list of feature maps or a tensor's length); pass "
                 "the length as a Python constant (tracing.concrete_args) or " + leaf)
+    if "co_varnames" in message:  # a decorator's (*args, **kwargs) wrapper hides forward's signature
+        return ("forward is wrapped by a decorator taking (*args, **kwargs) (e.g. Hugging Face's @can_return_tuple), "
+                "which torch.fx cannot call with placeholders; build the graph with "
+                "qatgraph.frontends.export_graph (torch.export) and compile that, or " + leaf)
     if "control flow" in message:
         return ("the forward branches on tensor values; make the branch static with policy tracing.concrete_args, "
                 "compute it with torch.where, or " + leaf)
