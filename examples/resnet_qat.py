@@ -57,7 +57,7 @@ def main() -> None:
 
     # 4. Deploy: ONNX Q/DQ (linted against TensorRT's rules), then ONNX Runtime parity.
     result = qatgraph.export_onnx(qmodel, os.path.join(args.out, "resnet_int8.onnx"), (train[0][0],))
-    print(f"exported {result.path}: {result.num_qdq} Q/DQ pairs, {len(result.errors)} lint errors")
+    print(f"exported {result.path}: {result.num_qdq} DequantizeLinear nodes, {len(result.errors)} lint errors")
     print(qatgraph.check_parity(qmodel, result.path, [x for x, _ in train[:2]]))
 
 

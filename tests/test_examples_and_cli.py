@@ -90,3 +90,11 @@ def test_demo_quick_writes_every_artifact(tmp_path):
     for name in ("model_int8.onnx", "model_fp32.onnx", "sensitivity/sensitivity.html"):
         assert (tmp_path / name).exists(), name
     assert result.metrics["qat_acc"] == summary["qat_acc"]
+
+
+@pytest.mark.slow
+def test_bert_example_runs(tmp_path):
+    pytest.importorskip("transformers", reason="the BERT example builds its model with transformers")
+    process = run_example("bert_qat.py", "--small", "--out", str(tmp_path))
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "0 lint errors" in process.stdout and "top-1 agreement 100.00%" in process.stdout
