@@ -49,7 +49,8 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
                             qmin: int, qmax: int, axis: int | None) -> torch.Tensor:
     """Fake-quantize with plain tensor ops: fusable by Inductor, differentiable in ``scale``.
 
-    Gradient w.r.t. ``x`` is the straight-through estimator (1 inside the range, 0 outside);
+    Gradient w.r.t. ``x`` is the straight-through estimator (1 where the rounded value lies in
+    the range, 0 elsewhere, as in the ATen kernels);
     w.r.t. ``scale`` it is LSQ's. Computed in float32 and cast back to ``x.dtype``.
     """
     if axis is not None:
@@ -61,7 +62,13 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     x32 = x.float()
     zero_point = zero_point.to(torch.float32)
     scaled = x32 * (1.0 / scale)
-    clipped = torch.minimum(torch.maximum(scaled, qmin - zero_point), qmax - zero_point)
+    low, high = qmin - zero_point, qmax - zero_point
+    # ATen's mask is taken on the *rounded* value: an input up to half a step outside the range
+    # still rounds onto it and keeps gradient 1. Clip only what rounds outside, so the STE mask
+    # (and LSQ's scale gradient) matches the ATen kernels exactly, edges and ties included.
+    r = torch.round(scaled)
+    inside = (r >= low) & (r <= high)
+    clipped = torch.where(inside, scaled, torch.minimum(torch.maximum(scaled, low), high))
     rounded = clipped + (torch.round(clipped) - clipped).detach()
     return (rounded * scale).to(x.dtype)
 
