@@ -70,7 +70,8 @@ class FreezeController:
                        if isinstance(module, QuantWeightMixin) and module.weight.requires_grad]
         self.samples_since_refresh = 0
         self.refreshes = 0
-        self._hook = model.register_forward_pre_hook(self._count_samples, with_kwargs=True)
+        self.removed = False
+        self.attach(model)
         _CONTROLLERS.add(self)
         _install_global_hook()
         self.refresh()
@@ -150,8 +151,12 @@ class FreezeController:
             layer.scale_snapshot = scale.detach().index_select(0, layer.frozen_rows).clone()
 
     # --------------------------------------------------------------- hooks
+    def attach(self, model: nn.Module) -> None:
+        """Count the training samples ``model`` sees (refreshing every ``interval`` samples)."""
+        self._hook = model.register_forward_pre_hook(self._count_samples, with_kwargs=True)
+
     def _count_samples(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not module.training or not torch.is_grad_enabled():
+        if getattr(self, "removed", False) or not module.training or not torch.is_grad_enabled():
             return
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         self.samples_since_refresh += int(first.shape[0]) if first is not None and first.dim() > 0 else 1
@@ -195,12 +200,19 @@ class FreezeController:
         return clone
 
     def remove(self) -> None:
-        """Back to ordinary QAT: every row trains, hooks removed."""
+        """Back to ordinary QAT: every row and every learnable weight scale trains, hooks removed."""
+        self.removed = True  # a deep copy's hook has no handle here: this makes it a no-op
         if self._hook is not None:
             self._hook.remove()
+            self._hook = None
         for layer in self.layers:
-            layer.module.trainable_rows = None
-            layer.module.weight.requires_grad_(True)
+            module = layer.module
+            module.trainable_rows = None
+            module.weight.requires_grad_(True)
+            scale = module.weight_quantizer.scale
+            if isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen:
+                scale.requires_grad_(True)
+            layer.rows = layer.frozen_rows = layer.weight_snapshot = layer.scale_snapshot = None
         _CONTROLLERS.discard(self)
 
 

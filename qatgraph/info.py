@@ -81,6 +81,13 @@ def _deepcopy_keeping_state(self, memo: dict):
     for attribute in QATGRAPH_ATTRIBUTES:
         if attribute in self.__dict__:
             setattr(result, attribute, copy.deepcopy(self.__dict__[attribute], memo))
+    # GraphModule's deepcopy drops forward hooks: give the copied freeze controller its
+    # sample-counting hook back, bound to the copy.
+    controller = result.__dict__.get("qatgraph_freeze")
+    if controller is not None and not getattr(controller, "removed", False):
+        bound = any(getattr(hook, "__self__", None) is controller for hook in result._forward_pre_hooks.values())
+        if not bound:
+            controller.attach(result)
     return result
 
 
