@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -307,8 +308,12 @@ def test_hf_bert_fx_partial_tracing_misses_the_attention() -> None:
     report = qmodel.trace_report
     untraced = {u.type_name: u for u in report.untraced}
     assert "co_varnames is too small" in untraced["BertForSequenceClassification"].reason
-    assert "hidden_shape = (*input_shape" in untraced["BertSelfAttention"].location
-    assert "forward(self, *args, **kwargs)" in untraced["BertLayer"].location
+    # Where exactly tracing fails inside transformers moves between its releases: check that the
+    # report points into transformers' source with a file:line and the offending code, and says how to fix it.
+    for type_name in ("BertSelfAttention", "BertLayer"):
+        location = untraced[type_name].location
+        assert re.search(r"transformers[/\\].+\.py:\d+ `.+`", location), (type_name, location)
+        assert f"leaf_modules: ['{type_name}']" in untraced[type_name].fix
     assert "bert.encoder.layer.0.intermediate" in report.traced and "bert.encoder.layer.0" not in report.traced
     decisions = qmodel.qatgraph_info.layers
     assert not any(d.kind == "matmul" for d in decisions)  # the attention GEMMs are never seen
