@@ -131,12 +131,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
     samples = load_samples(args.data, source.input_shape, args.num_samples)
     report = check_parity(qmodel, args.onnx, samples)
     print(report)
-    if args.strict:
-        return EXIT_OK if report.passed else EXIT_CHECK_FAILED
-    # Deep float-output models differ from ONNX Runtime by float-rounding flips (see ParityReport);
-    # by default only a top-1 disagreement fails the check.
-    agrees = report.top1_agreement is None or report.top1_agreement == 1.0
-    return EXIT_OK if agrees else EXIT_CHECK_FAILED
+    # Default: top-1 agrees, and the output matches either free-running or with ORT's integers fed
+    # in (teacher-forced; deep float-output models differ free-running by near-tie roundings that
+    # the model amplifies, see ParityReport). --strict: free-running only.
+    ok = report.strict_passed if args.strict else report.passed
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
@@ -215,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="random", help=".pt/.npy file of inputs, or 'random'")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--strict", action="store_true",
-                   help="fail unless the output is within one quantization step (1e-4 relative if not quantized)")
+                   help="fail unless the free-running output is within one quantization step (1e-4 relative "
+                        "if not quantized); by default the teacher-forced comparison may explain the difference")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("build-engine", help="build a TensorRT engine from a Q/DQ ONNX file")

@@ -70,6 +70,8 @@ def export_and_evaluate(fp_model: nn.Module, qat_model: nn.Module, data: DemoDat
     parity = check_parity(qat_model, int8_path, list(data.test_x.split(256)))
     result.metrics["ort_parity_top1"] = parity.top1_agreement
     result.metrics["ort_parity_max_abs_diff"] = parity.max_abs_diff
+    result.metrics["ort_parity_passed"] = parity.passed
+    result.metrics["ort_parity_forced_rel"] = parity.forced_relative_error
     u8s8_path = os.path.join(out_dir, "model_int8_onnxruntime.onnx")
     export_onnx(_onnxruntime_preset_model(fp_model, data), u8s8_path, (example,))
     sample = data.test_x[:64].numpy()
@@ -123,7 +125,8 @@ def print_table(result: DemoResult, out_dir: str) -> None:
     console = Console()
     console.print(table)
     print(f"ONNX Runtime INT8 accuracy {pct(m['ort_int8_acc'])}; parity with PyTorch on the test set: top-1 "
-          f"agreement {pct(m['ort_parity_top1'])}, max |diff| {m['ort_parity_max_abs_diff']:.2e}; lint: "
+          f"agreement {pct(m['ort_parity_top1'])}, max |diff| {m['ort_parity_max_abs_diff']:.2e} "
+          f"({'PASSED' if m.get('ort_parity_passed') else 'FAILED'}); lint: "
           f"{m['lint_errors']} errors, {m['lint_warnings']} warnings")
     print(f"ONNX Runtime CPU latency, batch 64: FP32 {t['ort_fp32_ms']:.2f} ms; INT8 tensorrt preset (S8S8) "
           f"{t['ort_int8_ms']:.2f} ms ({t['ort_fp32_ms'] / t['ort_int8_ms']:.2f}x); INT8 onnxruntime preset (U8S8) "
