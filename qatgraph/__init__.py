@@ -50,5 +50,5 @@ __all__ = [
 
 # Backends last: they import the core modules above.
 from qatgraph.backends.onnx import ExportResult, export_onnx  # noqa: E402
-from qatgraph.backends.onnxruntime import ParityReport, check_parity  # noqa: E402
+from qatgraph.backends.parity import ParityReport, check_parity  # noqa: E402
 from qatgraph.backends.tensorrt import build_engine  # noqa: E402

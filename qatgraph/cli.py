@@ -123,7 +123,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from qatgraph.backends.onnxruntime import check_parity
+    from qatgraph.backends.parity import check_parity
 
     from .checkpoint import load_checkpoint
 

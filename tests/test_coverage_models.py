@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from placement import quantized_edges, quantizer_targets
 from qatgraph.backends.onnx import ExportResult, export_onnx
-from qatgraph.backends.onnxruntime import ParityReport, check_parity
+from qatgraph.backends.parity import ParityReport, check_parity
 from qatgraph.passes import attention
 from torch import fx, nn
 

@@ -56,7 +56,8 @@ def _ort_latency_ms(runner, sample: np.ndarray, repeats: int = 50) -> float:
 def export_and_evaluate(fp_model: nn.Module, qat_model: nn.Module, data: DemoData, out_dir: str,
                         result: DemoResult) -> None:
     from qatgraph.backends.onnx import export_onnx
-    from qatgraph.backends.onnxruntime import OrtRunner, check_parity
+    from qatgraph.backends.onnxruntime import OrtRunner
+    from qatgraph.backends.parity import check_parity
     from qatgraph.backends.tensorrt import build_engine, tensorrt_available
 
     example = data.test_x[:1]

@@ -178,7 +178,7 @@ def test_parity_in_output_steps_when_the_output_is_quantized(tmp_path):
 def test_parity_report_criterion():
     quantized = ParityReport(0.2, 0.8, 0.01, 1.0, 8, True, output_step=0.25)
     assert "0.8 output steps" in str(quantized)
-    from qatgraph.backends.onnxruntime import _Activations, _report
+    from qatgraph.backends.parity import _Activations, _report
     assert not _report(1e-3, 1.0, None, 1.0, 8, None, 1.0, 1e-4).passed  # 1e-3 relative
     assert not _report(0.0, 1.0, None, 0.9, 8, None, 1.0, 1e-4).passed  # top-1 disagreement
     assert _report(0.3, 1.0, 0.25, 1.0, 8, None, 1.0, 1e-4).max_diff_in_steps == pytest.approx(1.2)
@@ -212,9 +212,9 @@ def test_zoo_parity(tmp_path, name, preset):
     report = check_parity(qmodel, result.path, batches(shape))
     print(f"{name}/{preset}: {report}")
     assert report.top1_agreement == 1.0 and report.num_samples == 16
-    # Measured (see the onnxruntime module docstring): ORT and PyTorch round the same integers
+    # Measured (see the qatgraph.backends.parity module docstring): ORT and PyTorch round the same integers
     # except where their float summation orders straddle a rounding boundary; each such flip
-    # moves a few downstream values by a step or two. Export bugs (scale, axis, zero point,
+    # moves downstream values (in attention models, much of that sample). Export bugs (scale, axis, zero point,
     # folding) move most values by many steps.
     assert report.activation_mismatch < 0.1 and report.activation_max_steps <= 8
     assert report.relative_error < 5e-2
