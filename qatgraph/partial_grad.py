@@ -221,7 +221,7 @@ def _save_common(ctx, inputs) -> None:
 
 def _scatter_rows(compact: Tensor, row_index: Tensor, ctx) -> Tensor:
     full = compact.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
-    return full.index_copy(0, row_index, compact.to(ctx.weight_dtype))
+    return full.index_copy_(0, row_index, compact.to(ctx.weight_dtype))
 
 
 def _linear_setup_context(ctx, inputs, output) -> None:
