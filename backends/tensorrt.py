@@ -13,6 +13,8 @@ whose inputs are static except, optionally, dim 0 (the batch). Guarantees:
 - Engine and timing cache are written atomically (temporary file in the same directory, then
   os.replace), so a failed build never clobbers a good engine.
 ``tensorrt`` and ``torch.cuda`` are used lazily: this module imports on machines without them.
+The trtexec fallback is in backends/tensorrt_trtexec.py, :class:`EngineRunner` and
+:func:`compare_with_onnxruntime` in backends/tensorrt_runner.py; both are importable from here.
 """
 from __future__ import annotations
 
@@ -22,9 +24,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import re
-import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -109,16 +108,6 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _find_trtexec() -> str | None:
-    override = os.environ.get("TRTEXEC")
-    if override:
-        if os.path.isfile(override) and os.access(override, os.X_OK):
-            return override
-        raise BackendUnavailableError(f"$TRTEXEC={override!r} is not an executable file; point it "
-                                      "at TensorRT's bin/trtexec or unset it")
-    return shutil.which("trtexec")
-
-
 def _read_onnx(onnx_path: str | os.PathLike) -> _OnnxSummary:
     import onnx
     if not os.path.isfile(onnx_path):
@@ -189,51 +178,6 @@ def _resolve_config(config: EngineBuildConfig | None, overrides: dict[str, Any])
     return config
 
 
-def _format_shapes(profiles: dict[str, tuple[tuple[int, ...], ...]], which: int) -> str:
-    def quoted(name: str) -> str:  # trtexec splits on ':' and ','; it accepts 'quoted' names
-        return f"'{name}'" if ":" in name or "," in name else name
-    return ",".join(f"{quoted(name)}:" + "x".join(str(d) for d in shapes[which])
-                    for name, shapes in profiles.items())
-
-
-def _trtexec_args(summary: _OnnxSummary, profiles: dict, onnx_path, engine_path,
-                  config: EngineBuildConfig, trtexec: str) -> list[str]:
-    args = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    if config.strongly_typed:
-        args.append("--stronglyTyped")
-    else:  # weak typing: --int8 only switches on the explicit Q/DQ layers (no calibration)
-        args += (["--int8"] if summary.has_qdq else []) + (["--fp16"] if config.fp16_fallback else [])
-    args.append(f"--memPoolSize=workspace:{int(round(config.workspace_gib * 1024))}M")
-    if profiles:
-        args += [f"--{kind}Shapes={_format_shapes(profiles, i)}"
-                 for i, kind in enumerate(("min", "opt", "max"))]
-    if config.timing_cache:
-        args.append(f"--timingCacheFile={config.timing_cache}")
-    if config.builder_optimization_level is not None:
-        args.append(f"--builderOptimizationLevel={config.builder_optimization_level}")
-    return args + ["--skipInference"] + (["--verbose"] if config.verbose else [])
-
-
-def trtexec_command(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
-                    config: EngineBuildConfig | None = None, trtexec: str = "trtexec") -> list[str]:
-    """The trtexec argument list that builds ``engine_path`` from ``onnx_path`` (reads input names
-    and shapes from the ONNX file; runs nothing)."""
-    config = _resolve_config(config, {})
-    summary = _read_onnx(onnx_path)
-    return _trtexec_args(summary, _profile_shapes(summary, config, onnx_path), str(onnx_path),
-                         str(engine_path), config, trtexec)
-
-
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _trtexec_version(output: str) -> str:
-    match = re.search(r"TensorRT v(\d+)", output)  # e.g. v100800 -> 10.8.0, v8601 -> 8.6.1
-    number = int(match.group(1)) if match else 0
-    return f"{number // 10000}.{number // 100 % 100}.{number % 100}" if match else "unknown"
-
-
 @contextlib.contextmanager
 def _replacing(path: str):
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
@@ -247,30 +191,6 @@ def _replacing(path: str):
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-
-
-def _build_with_trtexec(trtexec: str, summary: _OnnxSummary, profiles: dict, onnx_path: str,
-                        engine_path: str, config: EngineBuildConfig) -> EngineInfo:
-    start = time.perf_counter()
-    cache = config.timing_cache
-    # trtexec rewrites --timingCacheFile in place: give it a copy, renamed back only on success
-    with _replacing(engine_path) as partial, \
-            (_replacing(cache) if cache else contextlib.nullcontext()) as partial_cache:
-        if cache and os.path.isfile(cache):
-            shutil.copyfile(cache, partial_cache)
-        args = _trtexec_args(summary, profiles, onnx_path, partial,
-                             dataclasses.replace(config, timing_cache=partial_cache), trtexec)
-        logger.info("building %s with %s", engine_path, " ".join(args))
-        result = subprocess.run(args, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ExportError(f"trtexec failed (exit code {result.returncode}) building "
-                              f"{engine_path!r} from {onnx_path!r}; {engine_path!r} was left as it "
-                              f"was.\nstderr:\n{_tail(result.stderr)}\nstdout:\n{_tail(result.stdout)}")
-        if os.path.getsize(partial) == 0:
-            raise ExportError(f"trtexec exited 0 but wrote no engine for {onnx_path!r}; "
-                              f"stdout:\n{_tail(result.stdout)}")
-    return EngineInfo(engine_path, "trtexec", [_static(i) for i in summary.inputs], summary.outputs,
-                      time.perf_counter() - start, _trtexec_version(result.stdout + result.stderr))
 
 
 def _atomic_write(path: str, data) -> None:
@@ -405,4 +325,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     return info
 
 
+# The trtexec fallback and the runner build on the definitions above, so they are imported last.
 from qatgraph.backends.tensorrt_runner import EngineRunner, compare_with_onnxruntime  # noqa: E402,F401
+from qatgraph.backends.tensorrt_trtexec import (  # noqa: E402,F401
+    _build_with_trtexec,
+    _find_trtexec,
+    trtexec_command,
+)
