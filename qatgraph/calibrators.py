@@ -24,24 +24,28 @@ grows to fit and the old counts are re-binned by interpolating their cumulative 
 result matches a histogram of all batches to within about a bin. Per channel (weights: small,
 usually one collect) percentile and mse keep the raw rows (channel axis first, rest flattened),
 so memory grows with each collect: not meant for activations.
+
+The histogram and KL numerics are in qatgraph/histograms.py, the mse error models and search in
+qatgraph/mse_search.py; their constants (NUM_BINS, MSE_GRID, ...) are importable from here too.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from .errors import CalibrationError, PolicyError, did_you_mean
+from .histograms import NUM_BINS as NUM_BINS
+from .histograms import _Histogram, _histogram_quantile, _kl_threshold_bin, _rows_quantile
+from .mse_search import MSE_GRID as MSE_GRID
+from .mse_search import MSE_LOWEST_FRACTION as MSE_LOWEST_FRACTION
+from .mse_search import ErrorOfRange as ErrorOfRange
+from .mse_search import _clip_and_noise_error, _fake_quant_error, _mse_asymmetric, _mse_symmetric
 from .policy import QuantSpec
 
 logger = logging.getLogger(__name__)
-
-NUM_BINS = 2048
-MSE_GRID = 33                 # points per stage of the coarse-then-fine mse search
-MSE_LOWEST_FRACTION = 0.01    # mse never clips below 1% of the observed range
 
 
 class Calibrator:
@@ -140,50 +144,6 @@ class MaxCalibrator(Calibrator):
         return self._min, self._max
 
 
-class _Histogram:
-    """Counts over [lo, hi] (which always contains 0) in equal bins; the range grows on demand."""
-
-    def __init__(self, num_bins: int = NUM_BINS) -> None:
-        self.num_bins = num_bins
-        self.lo = self.hi = 0.0
-        self.counts: Tensor | None = None  # None while every value seen was exactly 0
-        self.zero_mass = 0.0               # how many values were seen while the range had zero width
-
-    def add(self, values: Tensor, batch_min: float | None = None, batch_max: float | None = None) -> None:
-        if batch_min is None or batch_max is None:
-            batch_min, batch_max = (float(v) for v in torch.aminmax(values))
-        lo, hi = min(self.lo, batch_min), max(self.hi, batch_max)
-        if lo == hi:  # all zeros so far: a zero-width histogram cannot be binned
-            self.zero_mass += values.numel()
-            return
-        if self.counts is None:
-            self.lo, self.hi = lo, hi
-            self.counts = torch.zeros(self.num_bins, dtype=torch.float64, device=values.device)
-            self.counts[self._bin_of_zero()] += self.zero_mass
-        elif lo < self.lo or hi > self.hi:
-            self._regrow(lo, hi)
-        batch = torch.histc(values.to(self.counts.device), bins=self.num_bins, min=self.lo, max=self.hi)
-        self.counts += batch.double()
-
-    def edges(self, device: torch.device | str = "cpu") -> Tensor:
-        return torch.linspace(self.lo, self.hi, self.num_bins + 1, dtype=torch.float64, device=device)
-
-    def _bin_of_zero(self) -> int:
-        return min(self.num_bins - 1, int(-self.lo / (self.hi - self.lo) * self.num_bins))
-
-    def _regrow(self, lo: float, hi: float) -> None:
-        """Re-bin the counts onto [lo, hi] (a superset) by interpolating the cumulative counts."""
-        assert self.counts is not None
-        old_edges = self.edges(self.counts.device)
-        self.lo, self.hi = lo, hi
-        new_edges = self.edges(self.counts.device)
-        cumulative = torch.cat([self.counts.new_zeros(1), self.counts.cumsum(0)])
-        left = torch.searchsorted(old_edges, new_edges, right=True).sub_(1).clamp_(0, self.num_bins - 1)
-        fraction = ((new_edges - old_edges[left]) / (old_edges[1] - old_edges[0])).clamp_(0.0, 1.0)
-        new_cumulative = cumulative[left] + fraction * (cumulative[left + 1] - cumulative[left])
-        self.counts = new_cumulative.diff().clamp_(min=0.0)
-
-
 class _HistogramCalibrator(Calibrator):
     """Per tensor: a histogram of |x| (symmetric) or x; per channel: the raw rows, on the CPU."""
 
@@ -272,151 +232,6 @@ class MseCalibrator(_HistogramCalibrator):
             return amax if self.axis is not None else amax[0]
         lo, hi = _mse_asymmetric(error, lo, hi)
         return (lo, hi) if self.axis is not None else (lo[0], hi[0])
-
-
-# --------------------------------------------------------------------------- numerics
-def _histogram_quantile(edges: Tensor, counts: Tensor, q: float) -> Tensor:
-    """The value below which a fraction ``q`` of the histogram's mass lies (linear within a bin)."""
-    cumulative = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    cumulative = cumulative / cumulative[-1]
-    q = min(max(q, 0.0), 1.0)
-    k = int(torch.searchsorted(cumulative, torch.tensor([q], dtype=cumulative.dtype)))  # first cdf >= q
-    if k == 0:
-        return edges[0]
-    fraction = (q - cumulative[k - 1]) / (cumulative[k] - cumulative[k - 1])
-    return edges[k - 1] + fraction * (edges[k] - edges[k - 1])
-
-
-def _rows_quantile(rows: Tensor, q: float) -> Tensor:
-    """Per-row quantile with linear interpolation (torch.quantile's default), any row length."""
-    ordered = rows.sort(dim=1).values
-    position = min(max(q, 0.0), 1.0) * (rows.shape[1] - 1)
-    below = int(position)
-    above = min(below + 1, rows.shape[1] - 1)
-    return torch.lerp(ordered[:, below], ordered[:, above], position - below)
-
-
-def _kl_threshold_bin(counts: Tensor, num_quant_bins: int) -> int:
-    """TensorRT's entropy calibration: the bin count i minimizing KL(P_i || Q_i); amax = edges[i].
-
-    P_i is counts[:i] with the clipped mass (counts[i:]) added to its last bin; Q_i merges
-    counts[:i] into ``num_quant_bins`` bins (bin b holds j with j * num_quant_bins // i == b) and
-    spreads each merged count evenly over its non-empty bins (empty bins stay empty). Rather than
-    building P and Q for each i, KL is expanded into per-merged-bin sums read off prefix sums,
-    so all candidates cost O(candidates x num_quant_bins), vectorized."""
-    counts = counts.clone()
-    # As pytorch-quantization: a spike of exact zeros (ReLU outputs) would dominate every candidate.
-    counts[0] = counts[1]
-    # Re-binning leaves rounding dust in empty bins; it must not count as data (non-empty bins).
-    counts = torch.where(counts > counts.sum() * 1e-12, counts, 0.0)
-    total = counts.sum()
-    zero = counts.new_zeros(1)
-    cumulative = torch.cat([zero, counts.cumsum(0)])                      # cumulative[i] = counts[:i].sum()
-    occupied = torch.cat([zero, (counts > 0).to(counts.dtype).cumsum(0)])
-    count_log_count = torch.cat([zero, torch.xlogy(counts, counts).cumsum(0)])
-    thresholds = torch.arange(min(num_quant_bins, counts.numel()), counts.numel() + 1)
-    beyond = total - cumulative[thresholds]
-    last = counts[thresholds - 1] + beyond
-    # T * sum_j P_j log P_j, with P_j = c_j / T
-    p_log_p = count_log_count[thresholds - 1] + torch.xlogy(last, last) - total * total.log()
-    merged_bin = torch.arange(num_quant_bins + 1)
-    bounds = (merged_bin[None, :] * thresholds[:, None] + num_quant_bins - 1) // num_quant_bins  # ceil
-    mass = cumulative[bounds[:, 1:]] - cumulative[bounds[:, :-1]]
-    used = occupied[bounds[:, 1:]] - occupied[bounds[:, :-1]]
-    density = mass / used.clamp(min=1.0)
-    p_mass = mass.clone()
-    p_mass[:, -1] += beyond
-    # T * sum_j P_j log Q_j, with Q_j = density_b(j) / counts[:i].sum() on non-empty bins
-    p_log_q = torch.xlogy(p_mass, density).sum(dim=1) - total * cumulative[thresholds].log()
-    divergences = (p_log_p - p_log_q) / total
-    # the clipped mass lands on an empty bin, where Q is 0: KL is infinite
-    impossible = ((counts[thresholds - 1] == 0) & (beyond > 0)) | (cumulative[thresholds] <= 0)
-    divergences = torch.where(impossible, float("inf"), divergences)
-    divergences = torch.nan_to_num(divergences, nan=float("inf"), posinf=float("inf"))
-    last_minimum = divergences.numel() - 1 - int(divergences.flip(0).argmin())  # ties: least clipping
-    return int(thresholds[last_minimum])
-
-
-ErrorOfRange = Callable[[Tensor, Tensor], Tensor]  # (low, high) of shape (C, K) -> error (C, K)
-
-
-def _scale_zero_point(low: Tensor, high: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """How a range becomes scale and zero-point: amax / qmax for symmetric specs (zero-point 0),
-    (high - low) / (qmax - qmin) with a rounded, clamped zero-point otherwise."""
-    if spec.symmetric:
-        scale = high / spec.qmax
-        return scale, torch.zeros_like(scale)
-    scale = (high - low) / (spec.qmax - spec.qmin)
-    zero_point = torch.round(spec.qmin - low / torch.where(scale > 0, scale, 1.0)).clamp(spec.qmin, spec.qmax)
-    return scale, zero_point
-
-
-def _fake_quant_error(values: Tensor, weights: Tensor, spec: QuantSpec) -> ErrorOfRange:
-    """Weighted squared error of fake-quantizing ``values`` (C, m) (histogram bin centers, weighted
-    by their counts) exactly, with the spec's qmin/qmax. A zero scale quantizes everything to 0."""
-    def error(low: Tensor, high: Tensor) -> Tensor:
-        scale, zero_point = (t[:, :, None] for t in _scale_zero_point(low, high, spec))
-        codes = torch.round(values[:, None, :] / torch.where(scale > 0, scale, 1.0)) + zero_point
-        dequantized = (codes.clamp(spec.qmin, spec.qmax) - zero_point) * scale
-        return ((dequantized - values[:, None, :]) ** 2 * weights[:, None, :]).sum(dim=2)
-
-    return error
-
-
-def _clip_and_noise_error(rows: Tensor, spec: QuantSpec) -> ErrorOfRange:
-    """Squared error for raw rows (C, n), from the sorted values and prefix sums: exact for
-    clipped values and for values that round to 0 (|v| <= scale / 2, error v**2); the others
-    are modeled as uniform rounding noise, scale**2 / 12 each. Evaluating every value at every
-    candidate costs (C x n x K), minutes on big weights; this costs a sort plus (C x K x log n)."""
-    ordered = rows.sort(dim=1).values.double()  # sorting float32 is twice as fast
-    zero_column = ordered.new_zeros(ordered.shape[0], 1)
-    sums = torch.cat([zero_column, ordered.cumsum(dim=1)], dim=1)          # sums[:, k] = sum of the k smallest
-    squares = torch.cat([zero_column, (ordered ** 2).cumsum(dim=1)], dim=1)
-    count = ordered.shape[1]
-
-    def error(low: Tensor, high: Tensor) -> Tensor:
-        scale, zero_point = _scale_zero_point(low, high, spec)
-        # clip at what the codes represent, e.g. [-128, 127] * scale for signed INT8
-        low, high = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
-        below = torch.searchsorted(ordered, low.contiguous())               # values < low
-        kept = torch.searchsorted(ordered, high.contiguous(), right=True)   # values <= high
-        low_error = below * low ** 2 - 2 * low * sums.gather(1, below) + squares.gather(1, below)
-        high_error = ((squares[:, -1:] - squares.gather(1, kept)) - 2 * high * (sums[:, -1:] - sums.gather(1, kept))
-                      + (count - kept) * high ** 2)
-        dead_start = torch.maximum(torch.searchsorted(ordered, (-scale / 2).contiguous()), below)
-        dead_end = torch.minimum(torch.searchsorted(ordered, (scale / 2).contiguous(), right=True), kept)
-        dead_error = squares.gather(1, dead_end) - squares.gather(1, dead_start)
-        noise = (kept - below - (dead_end - dead_start)) * scale ** 2 / 12
-        return low_error.clamp(min=0.0) + high_error.clamp(min=0.0) + dead_error + noise
-
-    return error
-
-
-def _search_fraction(error_of: Callable[[Tensor], Tensor], channels: int) -> Tensor:
-    """Per channel, the fraction f in [MSE_LOWEST_FRACTION, 1] minimizing ``error_of(f)`` ((C, K) ->
-    (C, K)): a coarse grid, then a fine grid spanning one coarse step either side of its best."""
-    coarse = torch.linspace(MSE_LOWEST_FRACTION, 1.0, MSE_GRID, dtype=torch.float64).expand(channels, MSE_GRID)
-    best = coarse.gather(1, error_of(coarse).argmin(dim=1, keepdim=True))
-    spacing = (1.0 - MSE_LOWEST_FRACTION) / (MSE_GRID - 1)
-    offsets = torch.linspace(-spacing, spacing, MSE_GRID, dtype=torch.float64)
-    fine = (best + offsets).clamp(MSE_LOWEST_FRACTION, 1.0)
-    return fine.gather(1, error_of(fine).argmin(dim=1, keepdim=True))[:, 0]
-
-
-def _mse_symmetric(error: ErrorOfRange, amax: Tensor) -> Tensor:
-    """amax (C,) minimizing ``error(-amax, amax)``."""
-    return amax * _search_fraction(lambda f: error(-amax[:, None] * f, amax[:, None] * f), amax.numel())
-
-
-def _mse_asymmetric(error: ErrorOfRange, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """(lo, hi) (C,) minimizing ``error``: shrink both ends by one factor, then refine the low end
-    with the high end fixed, then the high end with the low end fixed."""
-    channels = lo.numel()
-    both = _search_fraction(lambda f: error(lo[:, None] * f, hi[:, None] * f), channels)
-    best_hi = hi * both
-    best_lo = lo * _search_fraction(lambda f: error(lo[:, None] * f, best_hi[:, None].expand_as(f)), channels)
-    best_hi = hi * _search_fraction(lambda f: error(best_lo[:, None].expand_as(f), hi[:, None] * f), channels)
-    return best_lo, best_hi
 
 
 CALIBRATOR_TYPES: dict[str, type[Calibrator]] = {
