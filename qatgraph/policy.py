@@ -15,180 +15,41 @@ override parts of it::
 
 Override precedence is name > regex/glob > type > global; among rules of one level the later
 rule wins. Every rule must match at least one module of the model being compiled.
+
+The sections (:class:`QuantSpec`, :class:`LayerRule`, :class:`FreezeConfig`,
+:class:`SensitivityConfig`, :class:`TracingConfig`) are defined in qatgraph/policy_sections.py
+and importable from here.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import PolicyError, did_you_mean, listing
+from .policy_sections import CALIBRATORS as CALIBRATORS
+from .policy_sections import FREEZE_MODES as FREEZE_MODES
+from .policy_sections import GRANULARITIES as GRANULARITIES
+from .policy_sections import CalibratorName as CalibratorName
+from .policy_sections import Granularity as Granularity
+from .policy_sections import (
+    FreezeConfig,
+    LayerRule,
+    QuantSpec,
+    SensitivityConfig,
+    TracingConfig,
+    _check_keys,
+    _check_spec_keys,
+    _field_names,
+)
 from .presets import PRESETS
 
-Granularity = Literal["per_tensor", "per_channel"]
-CalibratorName = Literal["max", "percentile", "entropy", "mse"]
-CALIBRATORS = ("max", "percentile", "entropy", "mse")
-GRANULARITIES = ("per_tensor", "per_channel")
 TARGETS = ("tensorrt", "onnxruntime", "generic")
 BN_MODES = ("train", "fold")
-FREEZE_MODES = ("cwpl", "cwpn", "lwpn")
 OP_KINDS = ("conv", "conv_transpose", "linear", "matmul")
-
-
-@dataclass
-class QuantSpec:
-    """How one kind of tensor (activation or weight) is quantized.
-
-    ``symmetric`` specs are signed with zero-point 0; asymmetric ones are unsigned
-    (``[0, 2**bits - 1]``) with a computed zero-point. ``narrow_range`` drops the most negative
-    code (``[-127, 127]`` for INT8), which makes BN folding into per-channel scales exact even
-    for negative gammas. ``axis`` is the channel axis for per-channel specs (``None`` picks the
-    op's output-channel axis: 0 for Conv/Linear weights, 1 for ConvTranspose weights).
-    """
-
-    bits: int = 8
-    symmetric: bool = True
-    granularity: Granularity = "per_tensor"
-    calibrator: CalibratorName = "max"
-    percentile: float = 99.99
-    learnable_scale: bool = False
-    narrow_range: bool = False
-    axis: int | None = None
-
-    @property
-    def qmin(self) -> int:
-        if not self.symmetric:
-            return 0
-        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
-
-    @property
-    def qmax(self) -> int:
-        return 2**self.bits - 1 if not self.symmetric else 2 ** (self.bits - 1) - 1
-
-    @property
-    def per_channel(self) -> bool:
-        return self.granularity == "per_channel"
-
-    def validate(self, where: str) -> None:
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise PolicyError(f"{where}.bits = {self.bits!r}: use an integer from 2 to 8")
-        if self.granularity not in GRANULARITIES:
-            raise PolicyError(f"{where}.granularity = {self.granularity!r}: valid values are "
-                              f"{', '.join(GRANULARITIES)}{did_you_mean(self.granularity, GRANULARITIES)}")
-        if self.calibrator not in CALIBRATORS:
-            raise PolicyError(f"{where}.calibrator = {self.calibrator!r}: valid values are "
-                              f"{', '.join(CALIBRATORS)}{did_you_mean(self.calibrator, CALIBRATORS)}")
-        if not _is_number(self.percentile) or not 0.0 < float(self.percentile) <= 100.0:
-            raise PolicyError(f"{where}.percentile = {self.percentile!r}: use a number in (0, 100], e.g. 99.99")
-        if self.calibrator == "entropy" and self.per_channel:
-            raise PolicyError(f"{where}: the entropy (KL) calibrator works on one histogram per tensor; "
-                              "use granularity: per_tensor, or calibrator: max/percentile/mse for per-channel")
-        if self.learnable_scale and not self.symmetric:
-            raise PolicyError(f"{where}: learnable_scale is supported for symmetric specs only; "
-                              "set symmetric: true or learnable_scale: false")
-        if self.narrow_range and not self.symmetric:
-            raise PolicyError(f"{where}: narrow_range applies to symmetric (signed) specs only")
-
-
-@dataclass
-class LayerRule:
-    """A per-layer exception: skip matching layers or give them a different spec.
-
-    Exactly one matcher: ``name`` (exact module name), ``regex`` (full match), ``glob``
-    (fnmatch) or ``type`` (class name like ``"Conv2d"`` or a dotted path).
-    ``weight``/``activation`` hold partial :class:`QuantSpec` fields applied over the global spec.
-    """
-
-    name: str | None = None
-    regex: str | None = None
-    glob: str | None = None
-    type: str | None = None
-    skip: bool = False
-    weight: dict[str, Any] = field(default_factory=dict)
-    activation: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def level(self) -> int:
-        """Precedence level: higher wins (name 3, regex/glob 2, type 1)."""
-        return 3 if self.name is not None else 2 if (self.regex or self.glob) else 1
-
-    def describe(self) -> str:
-        for key in ("name", "regex", "glob", "type"):
-            value = getattr(self, key)
-            if value is not None:
-                return f"{key}={value!r}"
-        return "<no matcher>"
-
-    def matches(self, module_name: str, module_type: type) -> bool:
-        if self.name is not None:
-            return module_name == self.name
-        if self.regex is not None:
-            return re.fullmatch(self.regex, module_name) is not None
-        if self.glob is not None:
-            return fnmatch.fnmatchcase(module_name, self.glob)
-        wanted = self.type or ""
-        if "." in wanted:
-            return any(f"{k.__module__}.{k.__qualname__}" == wanted for k in module_type.__mro__)
-        return any(k.__name__ == wanted for k in module_type.__mro__)
-
-    def validate(self, where: str) -> None:
-        given = [k for k in ("name", "regex", "glob", "type") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise PolicyError(f"{where}: give exactly one of name, regex, glob, type (got {given or 'none'})")
-        if self.regex is not None:
-            try:
-                re.compile(self.regex)
-            except re.error as exc:
-                raise PolicyError(f"{where}: regex {self.regex!r} does not compile: {exc}") from None
-        if self.skip and (self.weight or self.activation):
-            raise PolicyError(f"{where}: a rule either skips layers or changes their spec, not both")
-        if not self.skip and not (self.weight or self.activation):
-            raise PolicyError(f"{where}: the rule does nothing; add skip: true, weight: {{...}} or activation: {{...}}")
-        for kind in ("weight", "activation"):
-            _check_spec_keys(getattr(self, kind), f"{where}.{kind}")
-
-
-@dataclass
-class FreezeConfig:
-    """EfQAT: train only the most important weight rows/layers (see passes/freeze.py)."""
-
-    mode: Literal["cwpl", "cwpn", "lwpn"] = "cwpn"
-    ratio: float = 0.05
-    interval: int = 4096
-
-    def validate(self) -> None:
-        if self.mode not in FREEZE_MODES:
-            raise PolicyError(f"freeze.mode = {self.mode!r}: valid values are {', '.join(FREEZE_MODES)}"
-                              f"{did_you_mean(self.mode, FREEZE_MODES)}")
-        if not _is_number(self.ratio) or not 0.0 <= float(self.ratio) <= 1.0:
-            raise PolicyError(f"freeze.ratio = {self.ratio!r}: use the fraction of rows to train, a number in [0, 1]")
-        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval <= 0:
-            raise PolicyError(f"freeze.interval = {self.interval!r}: use a positive whole number of samples")
-
-
-@dataclass
-class SensitivityConfig:
-    """Automatic skip-list selection when ``compile`` is given data (see qatgraph/sensitivity_analysis.py)."""
-
-    mode: Literal["fast", "full"] = "fast"
-    num_samples: int = 256
-    max_drop: float = 0.01
-    max_skipped: int | None = None
-    top_k: int | None = None
-
-
-@dataclass
-class TracingConfig:
-    """How torch.fx traces the model."""
-
-    leaf_modules: list[str] = field(default_factory=list)
-    concrete_args: dict[str, Any] = field(default_factory=dict)
-    partial: bool = True
 
 
 @dataclass
@@ -369,29 +230,7 @@ class ResolvedLayer:
     applied_rules: list[str]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _field_names(klass: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(klass)}
-
-
 _POLICY_KEYS = _field_names(Policy)
-_SPEC_KEYS = _field_names(QuantSpec)
-
-
-def _check_keys(data: Any, valid: set[str], where: str) -> None:
-    if not isinstance(data, Mapping):
-        raise PolicyError(f"{where} must be a mapping, not {type(data).__name__}")
-    for key in data:
-        if key not in valid:
-            raise PolicyError(f"unknown key {key!r} in {where}{did_you_mean(str(key), valid)}; "
-                              f"valid keys are {', '.join(sorted(valid))}")
-
-
-def _check_spec_keys(data: Any, where: str) -> None:
-    _check_keys(data, _SPEC_KEYS, where)
 
 
 def _build_section(klass: type, value: Any, where: str) -> Any:
