@@ -90,6 +90,10 @@ def test_demo_quick_writes_every_artifact(tmp_path):
     for name in ("model_int8.onnx", "model_fp32.onnx", "sensitivity/sensitivity.html"):
         assert (tmp_path / name).exists(), name
     assert result.metrics["qat_acc"] == summary["qat_acc"]
+    # The exported model is the QAT model whose accuracy the table shows: with float biases (as
+    # in the parity check), ORT's accuracy differs at most by the fraction of disagreeing samples.
+    disagreement = 1.0 - summary["ort_parity_top1"]
+    assert abs(summary["ort_int8_float_bias_acc"] - summary["qat_acc"]) <= disagreement + 1e-9
 
 
 @pytest.mark.slow
