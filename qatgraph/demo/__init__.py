@@ -1,4 +1,4 @@
-"""``qatgraph demo``: the whole product on real data, in well under the five-minute budget on a 2-core CPU (about 20 s measured).
+"""``qatgraph demo``: the whole product on real data, in about 20 s on a 2-core CPU.
 
 Train a small ResNet in FP32 on scikit-learn's bundled handwritten digits (or CIFAR-10), then for
 INT8 (W8A8) and W4A8: PTQ-calibrate, QAT-finetune with the recipe, EfQAT-finetune training 5% of
