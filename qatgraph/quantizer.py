@@ -22,6 +22,7 @@ from torch import nn
 
 from .calibrators import Calibrator, make_calibrator
 from .errors import CalibrationError, NotCalibratedError
+from .fake_quant_cpu import fake_quantize_cpu
 from .policy import QuantSpec
 
 _MIN_AMAX = 1e-8  # an all-zero tensor still gets a valid (positive) scale
@@ -251,6 +252,8 @@ class FakeQuantizer(nn.Module):
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
         if x.dtype != torch.float32 or torch.compiler.is_compiling():
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+        if x.device.type == "cpu":
+            return fake_quantize_cpu(x, scale, zero_point, self.qmin, self.qmax, self.axis)
         if self.axis is None:
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.qmin, self.qmax)
         return torch.fake_quantize_per_channel_affine(x, scale, zero_point, self.axis, self.qmin, self.qmax)

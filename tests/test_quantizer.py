@@ -3,8 +3,8 @@
 Checks the numbers against hand-written references: per-tensor and per-channel fake-quant equal
 ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` with round-half-to-even; the
 straight-through estimator passes gradient 1 inside the range and 0 outside (on the ATen path,
-the bf16 path and the learnable path); ``fake_quantize_reference`` equals the ATen kernels bit
-for bit on random data and on near-tie inputs; learnable scales get LSQ's gradient;
+the bf16 path and the learnable path); ``fake_quantize_reference`` and ``fake_quantize_cpu`` equal
+the ATen kernels bit for bit on random data and on near-tie inputs, gradients included; learnable scales get LSQ's gradient;
 ``scale_zero_point``/``set_range`` for symmetric and asymmetric specs, all-zero tensors
 included. Also the quantizer's states and errors: NotCalibratedError before calibration,
 CalibrationError on NaN/Inf naming the quantizer, enable/disable, a ``state_dict`` round trip,
@@ -21,6 +21,7 @@ import models
 import qatgraph
 from qatgraph import CalibrationError, FakeQuantizer, NotCalibratedError, QuantSpec, iter_quantizers
 from qatgraph.quantizer import fake_quantize_reference, scale_zero_point
+from qatgraph.fake_quant_cpu import fake_quantize_cpu
 
 INT8_ACT = QuantSpec(bits=8, symmetric=True)                                   # [-128, 127]
 UINT8_ACT = QuantSpec(bits=8, symmetric=False)                                 # [0, 255]
@@ -154,9 +155,12 @@ def _random_and_near_ties(scale: torch.Tensor, zero_point: torch.Tensor, axis: i
     return torch.cat([random, ties, up, down])
 
 
+@pytest.mark.parametrize("implementation", ["reference", "cpu"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 @pytest.mark.parametrize("axis", [None, 1], ids=["per_tensor", "per_channel"])
-def test_reference_equals_aten_bit_for_bit(symmetric: bool, axis: int | None) -> None:
+def test_implementations_equal_aten_bit_for_bit(implementation: str, symmetric: bool, axis: int | None) -> None:
+    """fake_quantize_reference (compiled graphs) and fake_quantize_cpu (eager CPU) against the ATen
+    kernels: the same output bits and the same straight-through gradient, near ties included."""
     generator = torch.Generator().manual_seed(3)
     qmin, qmax = (-128, 127) if symmetric else (0, 255)
     if axis is None:
@@ -167,13 +171,36 @@ def test_reference_equals_aten_bit_for_bit(symmetric: bool, axis: int | None) ->
         zero_point = (torch.zeros(16, dtype=torch.int32) if symmetric
                       else torch.randint(0, 256, (16,), generator=generator, dtype=torch.int32))
     x = _random_and_near_ties(scale, zero_point, axis, generator)
+    x_aten, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     if axis is None:
-        aten = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+        aten = torch.fake_quantize_per_tensor_affine(x_aten, scale, zero_point, qmin, qmax)
     else:
-        aten = torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
-    reference = fake_quantize_reference(x, scale, zero_point, qmin, qmax, axis)
-    mismatches = (aten != reference).sum().item()
+        aten = torch.fake_quantize_per_channel_affine(x_aten, scale, zero_point, axis, qmin, qmax)
+    function = fake_quantize_reference if implementation == "reference" else fake_quantize_cpu
+    ours = function(x_ours, scale, zero_point, qmin, qmax, axis)
+    mismatches = (aten != ours).sum().item()
     assert mismatches == 0, f"{mismatches} of {x.numel()} values differ (by a whole quantization step)"
+    grad = torch.randn(x.shape, generator=generator)
+    aten.backward(grad)
+    ours.backward(grad)
+    if implementation == "reference":  # d(x * (1/s) * s)/dx is 1 only to float rounding
+        differ = ~torch.isclose(x_ours.grad, x_aten.grad, rtol=1e-6, atol=0.0)
+    else:
+        differ = x_aten.grad != x_ours.grad
+    if implementation == "reference":
+        # The compiled form clips with minimum/maximum (what Inductor fuses cheaply), whose gradient
+        # splits exact ties: an input exactly on one of its two bounds -- one float next to the
+        # half-way tie below qmin and above qmax -- gets half the gradient. Nothing else may differ.
+        view = [1] * x.dim()
+        if axis is not None:
+            view[axis] = -1
+        codes = x * (1.0 / scale.reshape(view))
+        half_way = (codes - codes.floor() - 0.5).abs() < 1e-4
+        torch.testing.assert_close(x_ours.grad[differ], 0.5 * grad[differ], rtol=1e-6, atol=0.0)
+        assert bool(half_way[differ].all())
+        assert differ.sum() < 0.01 * x.numel()
+    else:
+        assert not differ.any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
