@@ -30,6 +30,7 @@ qatgraph/mse_search.py; their constants (NUM_BINS, MSE_GRID, ...) are importable
 """
 from __future__ import annotations
 
+import abc
 import logging
 from typing import ClassVar
 
@@ -48,7 +49,7 @@ from .policy import QuantSpec
 logger = logging.getLogger(__name__)
 
 
-class Calibrator:
+class Calibrator(abc.ABC):
     """Base class: ``collect`` statistics batch by batch, then ``compute_range``."""
 
     name: ClassVar[str] = ""
@@ -109,15 +110,17 @@ class Calibrator:
                                    "per-channel calibration needs the same channel count in every batch")
         return rows
 
+    @abc.abstractmethod
     def _reset_state(self) -> None:
-        raise NotImplementedError
+        """Forget everything collected."""
 
+    @abc.abstractmethod
     def _collect(self, values: Tensor) -> None:
-        raise NotImplementedError
+        """Add one batch of finite values to the statistics."""
 
+    @abc.abstractmethod
     def _compute_range(self) -> Tensor | tuple[Tensor, Tensor]:
         """amax (symmetric specs; also all-zero data) or (lo, hi), on any device."""
-        raise NotImplementedError
 
 
 class MaxCalibrator(Calibrator):
