@@ -66,16 +66,18 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     low, high = qmin - zero_point, qmax - zero_point
     # ATen's mask is taken on the *rounded* value: an input up to half a step outside the range
     # still rounds onto it and keeps gradient 1. So clip to the range widened by half a step.
-    # clamp's gradient is 1 on the closed interval: a bound is the half-way tie itself where the
-    # tie rounds (half to even) into the range (-128.5 -> -128), and one float inside it where the
-    # tie rounds out (127.5 -> 128), so the mask is ATen's exactly. clamp with tensor bounds, not
-    # minimum/maximum: those split ties (gradient 0.5) and make Inductor save a mask per
-    # comparison; measured on MobileNetV2-like (2 CPU threads), the compiled forward + backward
-    # costs 1.08x FP32 with clamp and 1.15-1.18x with minimum/maximum.
+    # Each bound sits one float off the half-way tie, on the side that classifies the tie as ATen
+    # does (half to even: -128.5 rounds into [-128, 127], 127.5 out of it), so ties get gradient
+    # 1 or 0 exactly; only an input equal to the bound itself gets 0.5 (minimum/maximum split
+    # ties). clamp on tie-exact bounds would give ATen's mask everywhere, but Inductor compiles
+    # it differently: compiled forward + backward measured 1.22-1.32x FP32 with clamp against
+    # 1.11-1.15x with minimum/maximum on ResNet-18-like, and 1.06-1.08x against 1.15-1.18x on
+    # MobileNetV2-like (2 CPU threads); the ResNet-style cost decided. The bounds are scalars or
+    # per-channel vectors.
     lower_tie, upper_tie = low - 0.5, high + 0.5
-    lower = torch.where(torch.round(lower_tie) >= low, lower_tie, torch.nextafter(lower_tie, lower_tie + 1))
-    upper = torch.where(torch.round(upper_tie) <= high, upper_tie, torch.nextafter(upper_tie, upper_tie - 1))
-    clipped = torch.clamp(scaled, lower, upper)
+    lower = torch.nextafter(lower_tie, torch.where(torch.round(lower_tie) >= low, lower_tie - 1, lower_tie + 1))
+    upper = torch.nextafter(upper_tie, torch.where(torch.round(upper_tie) <= high, upper_tie + 1, upper_tie - 1))
+    clipped = torch.minimum(torch.maximum(scaled, lower), upper)
     coded = torch.minimum(torch.maximum(torch.round(clipped), low), high)
     rounded = clipped + (coded - clipped).detach()
     return (rounded * scale).to(x.dtype)
