@@ -282,10 +282,10 @@ def _activation_dq_outputs(model: onnx.ModelProto) -> list[str]:
 def _torch_qdq_outputs(module: nn.Module, args: tuple, forced: list[np.ndarray] | None = None,
                        output_index: int = 0):
     """Per Q/DQ call: (module name, its float64 output, its scale broadcastable to the output,
-    its input in steps before rounding, float64). With ``forced`` (ORT's dequantized activations,
-    one per call in order), each Q/DQ's output is replaced by ORT's, and the model's output
-    ``output_index`` (float64) is returned too: ``(calls, output)``."""
-    calls: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+    its input in steps before rounding or None). With ``forced`` (ORT's dequantized activations,
+    one per call in order), the input in steps is filled in, each Q/DQ's output is replaced by
+    ORT's, and the model's output ``output_index`` (float64) is returned too: ``(calls, output)``."""
+    calls: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = []
 
     def record(name: str):
         def hook(qdq, inputs, output):
@@ -293,7 +293,7 @@ def _torch_qdq_outputs(module: nn.Module, args: tuple, forced: list[np.ndarray] 
             if qdq.axis is not None:
                 shape[qdq.axis % output.dim()] = -1
             scale = qdq.scale.detach().double().reshape(shape)
-            codes = (inputs[0].detach().double() / scale.to(inputs[0].device)).cpu().numpy()
+            codes = None if forced is None else (inputs[0].detach().double() / scale.to(inputs[0].device)).cpu().numpy()
             calls.append((name, output.detach().double().cpu().numpy(), scale.cpu().numpy(), codes))
             if forced is not None and len(calls) <= len(forced):
                 return torch.from_numpy(forced[len(calls) - 1]).to(device=output.device, dtype=output.dtype)
