@@ -253,14 +253,14 @@ def _compare_activations(qmodel: nn.Module, model_proto: onnx.ModelProto, runner
                 log.warning("check_parity: cannot align %s with an ONNX activation of shape %s; activations not "
                             "compared", name, result.shape)
                 return None
-            steps = np.rint(np.abs(result.astype(np.float64) - reference) / step)
+            steps = _steps_apart(result, reference, step)
             if steps.any() and first is None:
                 first = name
             worst_fraction = max(worst_fraction, float(np.mean(steps > 0)))
             worst_steps = max(worst_steps, int(steps.max(initial=0)))
         forced_calls, output = _torch_qdq_outputs(module, args, forced=ort_values, output_index=output_index)
         for (_, reference, step, codes), result in zip(forced_calls, ort_values):
-            flipped = np.rint(np.abs(result.astype(np.float64) - reference) / step) > 0
+            flipped = _steps_apart(result, reference, step) > 0
             if flipped.any():
                 root_flips += int(flipped.sum())
                 distance_to_tie = np.abs(codes - np.floor(codes) - 0.5)
@@ -268,6 +268,11 @@ def _compare_activations(qmodel: nn.Module, model_proto: onnx.ModelProto, runner
         forced_diff = max(forced_diff, float(np.abs(ort_outputs[index[output_name]].astype(np.float64) - output).max(
             initial=0.0)))
     return _Activations(worst_fraction, worst_steps, first, forced_diff, root_flips, margin)
+
+
+def _steps_apart(result: np.ndarray, reference: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Integer distance, in quantization steps, between ORT's and PyTorch's dequantized values."""
+    return np.rint(np.abs(result.astype(np.float64) - reference) / step)
 
 
 def _activation_dq_outputs(model: onnx.ModelProto) -> list[str]:

@@ -14,16 +14,23 @@ from __future__ import annotations
 import torch
 
 
+def broadcast_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                      axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``scale``/``zero_point`` reshaped to broadcast along ``axis`` of ``x``."""
+    if axis is None:
+        return scale, zero_point
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape), zero_point.reshape(shape)
+
+
 class FakeQuantizeCpu(torch.autograd.Function):
     """``fake_quantize(x, scale, zero_point, qmin, qmax, axis)`` with the straight-through mask."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                 axis: int | None) -> torch.Tensor:
-        if axis is not None:
-            shape = [1] * x.dim()
-            shape[axis] = -1
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
         zero_point = zero_point.to(torch.float32)
         # Integers are exact in float32, so clamping round(x / s) to [qmin - zp, qmax - zp] is
         # clamping round(x / s) + zp to [qmin, qmax] and subtracting zp again, without two passes.

@@ -22,7 +22,7 @@ from torch import nn
 
 from .calibrators import Calibrator, make_calibrator
 from .errors import CalibrationError, NotCalibratedError
-from .fake_quant_cpu import fake_quantize_cpu
+from .fake_quant_cpu import broadcast_qparams, fake_quantize_cpu
 from .policy import QuantSpec
 
 _MIN_AMAX = 1e-8  # an all-zero tensor still gets a valid (positive) scale
@@ -54,10 +54,7 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     the range, 0 elsewhere, as in the ATen kernels);
     w.r.t. ``scale`` it is LSQ's. Computed in float32 and cast back to ``x.dtype``.
     """
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
     # Same arithmetic as the ATen kernels (multiply by 1/scale, round, then shift by the zero
     # point), so eager float32, bf16 and compiled graphs agree bit for bit, ties included.
     x32 = x.float()

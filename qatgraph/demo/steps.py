@@ -73,9 +73,9 @@ def export_and_evaluate(fp_model: nn.Module, qat_model: nn.Module, data: DemoDat
     result.metrics["ort_int8_acc"] = _ort_accuracy(int8_runner, data.test_batches())
     # ORT's default session rounds float biases to int32 (its integer kernels need that); TensorRT
     # and the parity check keep them float, so report that accuracy too.
-    result.metrics["ort_int8_float_bias_acc"] = _ort_accuracy(OrtRunner(int8_path, quantize_bias=False),
-                                                              data.test_batches())
-    parity = check_parity(qat_model, int8_path, list(data.test_x.split(256)))
+    float_bias_runner = OrtRunner(int8_path, quantize_bias=False)
+    result.metrics["ort_int8_float_bias_acc"] = _ort_accuracy(float_bias_runner, data.test_batches())
+    parity = check_parity(qat_model, int8_path, list(data.test_x.split(256)), runner=float_bias_runner)
     result.metrics["ort_parity_top1"] = parity.top1_agreement
     result.metrics["ort_parity_max_abs_diff"] = parity.max_abs_diff
     result.metrics["ort_parity_passed"] = parity.passed
