@@ -3,8 +3,8 @@
 Checks the numbers against hand-written references: per-tensor and per-channel fake-quant equal
 ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` with round-half-to-even; the
 straight-through estimator passes gradient 1 inside the range and 0 outside (on the ATen path,
-the bf16 path and the learnable path); ``fake_quantize_reference`` and ``fake_quantize_cpu`` equal
-the ATen kernels bit for bit on random data and on near-tie inputs, gradients included; learnable scales get LSQ's gradient;
+the bf16 path and the learnable path); ``fake_quantize_reference`` and ``fake_quantize_cpu`` (its C++
+kernel and its torch-op form) equal the ATen kernels bit for bit on random data and on near-tie inputs, gradients included; learnable scales get LSQ's gradient;
 ``scale_zero_point``/``set_range`` for symmetric and asymmetric specs, all-zero tensors
 included. Also the quantizer's states and errors: NotCalibratedError before calibration,
 CalibrationError on NaN/Inf naming the quantizer, enable/disable, a ``state_dict`` round trip,
@@ -155,7 +155,7 @@ def _random_and_near_ties(scale: torch.Tensor, zero_point: torch.Tensor, axis: i
     return torch.cat([random, ties, up, down])
 
 
-@pytest.mark.parametrize("implementation", ["reference", "cpu"])
+@pytest.mark.parametrize("implementation", ["reference", "cpu", "cpu_torch_ops"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 @pytest.mark.parametrize("axis", [None, 1], ids=["per_tensor", "per_channel"])
 def test_implementations_equal_aten_bit_for_bit(implementation: str, symmetric: bool, axis: int | None) -> None:
@@ -176,8 +176,10 @@ def test_implementations_equal_aten_bit_for_bit(implementation: str, symmetric: 
         aten = torch.fake_quantize_per_tensor_affine(x_aten, scale, zero_point, qmin, qmax)
     else:
         aten = torch.fake_quantize_per_channel_affine(x_aten, scale, zero_point, axis, qmin, qmax)
-    function = fake_quantize_reference if implementation == "reference" else fake_quantize_cpu
-    ours = function(x_ours, scale, zero_point, qmin, qmax, axis)
+    if implementation == "reference":
+        ours = fake_quantize_reference(x_ours, scale, zero_point, qmin, qmax, axis)
+    else:  # "cpu" takes the C++ kernel per tensor when it builds here (tests/test_fake_quant_cpu.py checks it does)
+        ours = fake_quantize_cpu(x_ours, scale, zero_point, qmin, qmax, axis, use_kernel=implementation == "cpu")
     mismatches = (aten != ours).sum().item()
     assert mismatches == 0, f"{mismatches} of {x.numel()} values differ (by a whole quantization step)"
     grad = torch.randn(x.shape, generator=generator)

@@ -1,0 +1,150 @@
+"""Tests for the eager CPU fake-quant: the C++ kernel (qatgraph/kernels/fake_quant_cpu.cpp), its
+build-on-first-use loader and the torch-op form it falls back to.
+
+The kernel must build on a machine with a C++ compiler (CI has one), equal ATen bit for bit in
+output and gradient for every memory layout it accepts (contiguous, channels-last, transposed
+views, expanded gradients), skip the mask under ``no_grad``, propagate NaN with gradient 0 as the
+torch-op form does, and be what ``FakeQuantizer`` runs in eager float32 training. A build that
+fails (here: a deliberately broken source) must fall back with a warning, not raise; and
+``QATGRAPH_CPU_KERNEL=0`` turns the kernel off.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+
+from qatgraph import FakeQuantizer, QuantSpec
+from qatgraph import fake_quant_cpu
+from qatgraph.fake_quant_cpu import fake_quantize_cpu
+from qatgraph.kernels import fake_quant_cpu_ext
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler on PATH: the CPU kernel cannot be built here")
+
+SCALE = torch.tensor(0.0123)
+
+
+def _aten(x: torch.Tensor, zero_point: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = x.detach().clone().requires_grad_(True)
+    out = torch.fake_quantize_per_tensor_affine(leaf, SCALE, torch.tensor(zero_point, dtype=torch.int32), qmin, qmax)
+    return out, leaf
+
+
+@needs_compiler
+def test_kernel_builds_here() -> None:
+    assert fake_quant_cpu_ext.load() is not None, "the C++ kernel failed to build; see the logged warning"
+
+
+@needs_compiler
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed_view"])
+@pytest.mark.parametrize("zero_point, qmin, qmax", [(0, -128, 127), (131, 0, 255), (0, -127, 127), (2, -8, 7)])
+def test_kernel_equals_aten_in_every_layout(layout: str, zero_point: int, qmin: int, qmax: int) -> None:
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 8, 13, 11, generator=generator) * 2
+    codes = torch.randint(-300, 300, x.shape, generator=generator).float() + 0.5  # exact half-way ties
+    x = torch.where(torch.rand(x.shape, generator=generator) < 0.3, codes * SCALE, x)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed_view":
+        x = x.transpose(1, 3)
+    expected, aten_leaf = _aten(x, zero_point, qmin, qmax)
+    ours_leaf = x.detach().clone().requires_grad_(True)
+    ours = fake_quantize_cpu(ours_leaf, SCALE, torch.tensor(zero_point, dtype=torch.int32), qmin, qmax, None)
+    assert torch.equal(ours, expected)
+    grad = torch.randn(x.shape, generator=generator)
+    expected.backward(grad)
+    ours.backward(grad)
+    assert torch.equal(ours_leaf.grad, aten_leaf.grad)
+
+
+@needs_compiler
+def test_kernel_takes_an_expanded_gradient() -> None:
+    x = (torch.randn(3, 5, 7) * 3).requires_grad_(True)
+    fake_quantize_cpu(x, SCALE, torch.tensor(0, dtype=torch.int32), -8, 7, None).sum().backward()  # grad: stride 0
+    inside = (torch.round(x.detach() * (1.0 / SCALE)).abs() <= 7) | (torch.round(x.detach() * (1.0 / SCALE)) == -8)
+    assert torch.equal(x.grad, inside.float())
+
+
+@needs_compiler
+def test_kernel_skips_the_mask_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = fake_quant_cpu_ext.load()
+    calls = []
+
+    class Spy:
+        def forward(self, *args):
+            calls.append(args[-1])
+            return kernel.forward(*args)
+
+    monkeypatch.setattr(fake_quant_cpu_ext, "load", lambda: Spy())
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        out = fake_quantize_cpu(x, SCALE, torch.tensor(0, dtype=torch.int32), -128, 127, None)
+    assert calls == [False]
+    assert torch.equal(out, _aten(x, 0, -128, 127)[0])
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch_ops"])
+def test_nan_propagates_with_zero_gradient(use_kernel: bool) -> None:
+    x = torch.tensor([math.nan, math.inf, -math.inf, 0.05, 100.0], requires_grad=True)
+    out = fake_quantize_cpu(x, SCALE, torch.tensor(0, dtype=torch.int32), -128, 127, None, use_kernel=use_kernel)
+    assert math.isnan(out[0].item())
+    assert out[1:].tolist() == pytest.approx([127 * 0.0123, -128 * 0.0123, 4 * 0.0123, 127 * 0.0123])
+    out.backward(torch.ones(5))
+    assert x.grad.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+@needs_compiler
+def test_fake_quantizer_trains_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = fake_quant_cpu_ext.load()
+    used = []
+
+    class Spy:
+        def forward(self, *args):
+            used.append("forward")
+            return kernel.forward(*args)
+
+        def backward(self, *args):
+            used.append("backward")
+            return kernel.backward(*args)
+
+    monkeypatch.setattr(fake_quant_cpu_ext, "load", lambda: Spy())
+    quantizer = FakeQuantizer(QuantSpec(bits=8), name="act")
+    quantizer.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+    x = torch.randn(4, 16, requires_grad=True)
+    quantizer(x).sum().backward()
+    assert used == ["forward", "backward"]
+
+
+def test_broken_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error deliberately broken source\n")
+    monkeypatch.setattr(fake_quant_cpu_ext, "_SOURCE", broken)
+    monkeypatch.setattr(fake_quant_cpu_ext, "_NAME", "qatgraph_fake_quant_cpu_broken_test")
+    monkeypatch.setenv("QATGRAPH_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger=fake_quant_cpu_ext.__name__):
+        assert fake_quant_cpu_ext.build() is None
+    assert "CPU fake-quant kernel unavailable" in caplog.text and "torch-op form" in caplog.text
+    monkeypatch.setattr(fake_quant_cpu_ext, "load", fake_quant_cpu_ext.build)  # the uncached loader, now broken
+    x = torch.randn(3, 4, requires_grad=True)
+    out = fake_quant_cpu.fake_quantize_cpu(x, SCALE, torch.tensor(0, dtype=torch.int32), -128, 127, None)
+    assert torch.equal(out, _aten(x, 0, -128, 127)[0])
+
+
+@pytest.mark.parametrize("value, disabled", [("0", True), ("false", True), ("off", True), ("1", False), ("", False)])
+def test_environment_switch(monkeypatch: pytest.MonkeyPatch, value: str, disabled: bool) -> None:
+    monkeypatch.setenv("QATGRAPH_CPU_KERNEL", value)
+    assert fake_quant_cpu_ext.kernel_disabled() is disabled
+    if disabled:
+        assert fake_quant_cpu_ext.build() is None
+
+
+def test_build_directory_follows_cache_dir_and_torch_version(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QATGRAPH_CACHE_DIR", str(tmp_path))
+    directory = fake_quant_cpu_ext.build_directory()
+    assert directory.parent == tmp_path / "kernels"
+    assert torch.__version__.split("+")[0] in directory.name
