@@ -6,6 +6,9 @@ Guarantees:
   share one module), registered under ``quantizers.<tensor name>`` and called once, right after
   the producer; only the annotated consumer edges read the quantized tensor, every other
   consumer keeps the original (TensorRT rule 5: one Q/DQ per tensor, shared);
+* each activation quantizer's ``compiled_form`` (its fake-quant form under ``torch.compile``) is
+  ``"clip"`` when the tensor comes straight from a ReLU and ``"mask"`` otherwise, the split that
+  measured cheapest (``qatgraph.quantizer.COMPILED_FORMS``);
 * every quantized Conv/ConvTranspose/Linear module is swapped in place for its quantized class
   with a per-channel weight quantizer (parameter names unchanged), calibrated from its weight;
 * the GraphModule is recompiled and lints clean.
@@ -14,7 +17,9 @@ loads a trained model's ``state_dict``.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from qatgraph.annotations import TENSOR_KEY, op_annotation, tensor_annotation
@@ -42,7 +47,8 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
         if target is None:
             target = by_group[group] = f"{container}.{group}"
             qualified = f"{prefix}.{target}" if prefix else target
-            quantizer = FakeQuantizer(annotation.spec, name=qualified)
+            quantizer = FakeQuantizer(annotation.spec, name=qualified,
+                                      compiled_form="clip" if _fed_by_relu(gm, node) else "mask")
             gm.add_submodule(target, quantizer.to(device) if device is not None else quantizer)
         anchor = last_placeholder[0] if node.op == "placeholder" else node
         with gm.graph.inserting_after(anchor):
@@ -61,6 +67,18 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.ops.aten.relu.default)
+
+
+def _fed_by_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a ReLU (module, function or method): its quantizer compiles best as "clip"."""
+    if node.op == "call_module":
+        return isinstance(node_module(gm, node), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
 def _container_name(gm: fx.GraphModule) -> str:

@@ -8,14 +8,21 @@ learnable), plus ``enabled`` and ``calibrated`` flags, so everything survives ``
 * enabled: fake-quantizes with a straight-through estimator (gradient 1 inside the range, 0 outside);
 * disabled: identity (a layer left in floating point, or a sensitivity probe).
 
-Two equivalent implementations of the fake-quant: the fused ATen kernels
-(``torch.fake_quantize_per_*_affine``) for eager float32, and plain tensor arithmetic that
-Inductor can fuse into neighbouring kernels under ``torch.compile``, which also gives LSQ
-gradients for learnable scales and handles fp16/bf16 inputs (computed in float32).
+Equivalent implementations of the fake-quant, picked per call:
+
+* eager float32: qatgraph's CPU kernel (:mod:`qatgraph.fake_quant_cpu`) or ATen's fused CUDA kernel;
+* under ``torch.compile``, per-tensor quantizers: plain tensor arithmetic wrapped in an autograd
+  function whose backward reads a saved one-byte mask (``compiled_form="mask"``, exactly ATen's
+  gradient), or :func:`fake_quantize_reference` (``compiled_form="clip"``), whose gradient
+  Inductor derives from ``minimum``/``maximum`` clips. Both fuse into neighbouring kernels; which
+  is cheaper depends on the producer of the tensor (see ``COMPILED_FORMS``);
+* per-channel weights, learnable scales (LSQ gradients) and fp16/bf16 inputs (computed in
+  float32): :func:`fake_quantize_reference`.
 """
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,6 +33,18 @@ from .fake_quant_cpu import broadcast_qparams, fake_quantize_cpu
 from .policy import QuantSpec
 
 _MIN_AMAX = 1e-8  # an all-zero tensor still gets a valid (positive) scale
+
+CompiledForm = Literal["mask", "clip"]
+#: How a per-tensor quantizer fake-quantizes inside a ``torch.compile``d graph. Measured with
+#: benchmarks/qat_step.py's models (compiled forward + backward, FP32 and the forms interleaved in
+#: one process, 2 CPU threads, Inductor): every quantizer on "mask" gave MobileNetV2-like
+#: 0.93-0.95x FP32 against 1.12x with "clip" everywhere, but ResNet-18-like 1.38x against 1.14x;
+#: "clip" on the quantizers fed by a ReLU and "mask" on the rest gave ResNet-18-like 1.14x. A
+#: likely reason: in the float model the ReLU's backward reads the output the next convolution
+#: saves anyway; after a quantizer that convolution saves the quantized tensor instead, and only
+#: the "clip" form lets Inductor rebuild both masks from one saved tensor. So passes/materialize
+#: gives "clip" to quantizers whose input comes straight from a ReLU, "mask" to all others.
+COMPILED_FORMS: tuple[CompiledForm, ...] = ("mask", "clip")
 
 
 def scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +88,9 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     # ties). clamp on tie-exact bounds would give ATen's mask everywhere, but Inductor compiles
     # it differently: compiled forward + backward measured 1.22-1.32x FP32 with clamp against
     # 1.11-1.15x with minimum/maximum on ResNet-18-like, and 1.06-1.08x against 1.15-1.18x on
-    # MobileNetV2-like (2 CPU threads); the ResNet-style cost decided. The bounds are scalars or
-    # per-channel vectors.
+    # MobileNetV2-like (2 CPU threads); ReLU-fed quantizers in ResNet-style networks decided
+    # (the others use _MaskedFakeQuantize when compiled, see COMPILED_FORMS). The bounds are
+    # scalars or per-channel vectors.
     lower_tie, upper_tie = low - 0.5, high + 0.5
     lower = torch.nextafter(lower_tie, torch.where(torch.round(lower_tie) >= low, lower_tie - 1, lower_tie + 1))
     upper = torch.nextafter(upper_tie, torch.where(torch.round(upper_tie) <= high, upper_tie + 1, upper_tie - 1))
@@ -80,14 +100,43 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     return (rounded * scale).to(x.dtype)
 
 
+class _MaskedFakeQuantize(torch.autograd.Function):
+    """Per-tensor fake-quant for compiled graphs with an explicit straight-through backward.
+
+    Forward: ATen's arithmetic (``round(x * (1 / scale))``, clamp after the zero point, times
+    scale) in float32, so the bits equal the eager kernels'; it saves a boolean mask of the inputs
+    the clamp left alone, and the backward passes the gradient there (ATen's mask, exact at every
+    input). Dynamo traces both methods into the graph, so Inductor fuses them like plain ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                qmax: int) -> torch.Tensor:
+        zero = zero_point.to(torch.float32)
+        codes = torch.round(x.float() * (1.0 / scale))
+        clamped = torch.clamp(codes, qmin - zero, qmax - zero)
+        ctx.save_for_backward(clamped == codes)
+        return (clamped * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None, None, None, None
+
+
 class FakeQuantizer(nn.Module):
     """Simulated quantization of one tensor (per tensor) or one weight (per channel)."""
 
     def __init__(self, spec: QuantSpec, *, axis: int | None = None, num_channels: int | None = None,
-                 name: str = "", is_weight: bool = False) -> None:
+                 name: str = "", is_weight: bool = False, compiled_form: CompiledForm = "mask") -> None:
         super().__init__()
         if spec.per_channel and (axis is None or num_channels is None):
             raise ValueError(f"per-channel quantizer {name!r} needs axis and num_channels")
+        if compiled_form not in COMPILED_FORMS:
+            raise ValueError(f"quantizer {name!r}: compiled_form must be one of {COMPILED_FORMS}, got {compiled_form!r}")
+        #: per-tensor fake-quant form inside ``torch.compile`` (see ``COMPILED_FORMS``); a plain
+        #: attribute, set by the compile passes, so Dynamo treats it as a constant
+        self.compiled_form: CompiledForm = compiled_form
         self.spec = spec
         self.axis = axis if spec.per_channel else None
         self.name = name
@@ -249,6 +298,8 @@ class FakeQuantizer(nn.Module):
             numel = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
             scale = _grad_scaled(scale, 1.0 / math.sqrt(max(numel, 1) * max(self.qmax, 1)))
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+        if torch.compiler.is_compiling() and self.axis is None and self.compiled_form == "mask":
+            return _MaskedFakeQuantize.apply(x, scale, zero_point, self.qmin, self.qmax)
         if x.dtype != torch.float32 or torch.compiler.is_compiling():
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
         if x.device.type == "cpu":

@@ -9,10 +9,14 @@ What it checks:
   tracked from the weights, BatchNorm running statistics);
 - Python-level quantizer state changed after compiling (``disable()``, ``train()/eval()``) is
   honoured by the compiled model (guards, not stale graphs);
-- (slow) Inductor's eval forward of a residual block agrees with eager within 1e-3 of the output's magnitude.
+- both compiled fake-quant forms (``compiled_form`` "mask" and "clip") give ATen's gradient at the
+  range edges, the "mask" form bit for bit everywhere (output and gradient, ties included, bf16 kept);
+  ``qatgraph.compile`` gives ReLU-fed quantizers "clip" and the others "mask";
+- (slow) Inductor's eval forward of a residual block agrees with eager within 1e-3 of the output's
+  magnitude, and a training step with both forms agrees with eager.
 
-The eager float32 path uses ATen's fused fake-quant kernels while the compiled path uses
-``fake_quantize_reference``: the equality tests on the ``max`` policy are the ones that catch a
+The eager float32 path uses qatgraph's CPU kernel while the compiled path uses the "mask"
+autograd function or ``fake_quantize_reference``: the equality tests on the ``max`` policy are the ones that catch a
 difference between the two, e.g. in the straight-through gradient at the edge of the range.
 Small blocks keep the fast tests in seconds; the full zoo networks run in the slow variants.
 """
@@ -50,7 +54,9 @@ def qat_model(factory, input_shape: tuple[int, ...], policy) -> tuple[nn.Module,
 
 
 def count_rounds(graph_module: torch.fx.GraphModule) -> int:
-    return sum(1 for node in graph_module.graph.nodes
+    """Roundings in the graph and in its nested graphs (an autograd function's forward body)."""
+    return sum(1 for module in graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+               for node in module.graph.nodes
                if node.op == "call_function" and node.target in (torch.round, torch.Tensor.round))
 
 
@@ -136,11 +142,13 @@ def test_aot_eager_training_step_equals_eager_resnet() -> None:
     assert_same_training_step(qmodel, x)
 
 
-@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
-def test_compiled_quantizer_gradient_equals_eager_at_range_edges(per_channel: bool) -> None:
+@pytest.mark.parametrize("per_channel, form", [(False, "mask"), (False, "clip"), (True, "clip")],
+                         ids=["per_tensor_mask", "per_tensor_clip", "per_channel"])
+def test_compiled_quantizer_gradient_equals_eager_at_range_edges(per_channel: bool, form: str) -> None:
     scale = 0.125  # a power of two: codes * scale / scale is exact, so the half-way ties below are real ties
     spec = qatgraph.QuantSpec(bits=8, granularity="per_channel" if per_channel else "per_tensor")
-    quantizer = qatgraph.FakeQuantizer(spec, axis=0 if per_channel else None, num_channels=2, name="edge")
+    quantizer = qatgraph.FakeQuantizer(spec, axis=0 if per_channel else None, num_channels=2, name="edge",
+                                       compiled_form=form)
     hi = torch.full((2,) if per_channel else (), 127 * scale)
     quantizer.set_range(-hi, hi)  # symmetric: codes [-128, 127]
     # In codes: on the boundaries (where max calibration puts the largest value), within half a step
@@ -154,6 +162,85 @@ def test_compiled_quantizer_gradient_equals_eager_at_range_edges(per_channel: bo
     torch.compile(quantizer, backend="aot_eager")(x_compiled).sum().backward()
     assert x_eager.grad[0, :5].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]  # ATen's mask, the oracle
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_compiled_mask_form_equals_aten_bit_for_bit(symmetric: bool) -> None:
+    """The "mask" form under torch.compile: ATen's output bits and ATen's gradient at every input,
+    exact half-way ties and the one-float neighbours of the widened bounds included (where the
+    "clip" form splits the gradient)."""
+    generator = torch.Generator().manual_seed(5)
+    spec = qatgraph.QuantSpec(bits=8, symmetric=symmetric)
+    quantizer = qatgraph.FakeQuantizer(spec, name="mask", compiled_form="mask")
+    quantizer.set_range(torch.tensor(-1.3), torch.tensor(1.9))
+    scale, zero_point = quantizer.scale.detach(), quantizer.zero_point
+    low, high = spec.qmin - int(zero_point), spec.qmax - int(zero_point)
+    ties = torch.arange(low - 3, high + 4).float() + 0.5
+    codes = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1),
+                       torch.tensor([low - 0.5, high + 0.5]), torch.randn(500, generator=generator) * 100])
+    x = codes * scale
+    x_aten, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected = torch.fake_quantize_per_tensor_affine(x_aten, scale, zero_point, spec.qmin, spec.qmax)
+    actual = torch.compile(quantizer, backend="aot_eager", fullgraph=True)(x_ours)
+    assert torch.equal(actual, expected)
+    grad = torch.randn(x.shape, generator=generator)
+    expected.backward(grad)
+    actual.backward(grad)
+    assert torch.equal(x_ours.grad, x_aten.grad)
+
+
+def test_compiled_mask_form_keeps_low_precision_dtype() -> None:
+    quantizer = qatgraph.FakeQuantizer(qatgraph.QuantSpec(bits=8), name="bf16", compiled_form="mask")
+    quantizer.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+    x = torch.randn(64, dtype=torch.bfloat16, requires_grad=True)
+    out = torch.compile(quantizer, backend="aot_eager", fullgraph=True)(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    with torch.no_grad():
+        eager = quantizer(x)
+    assert torch.equal(out.detach(), eager)
+
+
+class _ReluAndRelu6(nn.Module):
+    """Both compiled forms in one graph: ReLU-fed quantizers ("clip", module and function) and a
+    ReLU6-fed one ("mask")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+        self.conv2, self.bn2, self.relu6 = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU6()
+        self.conv3, self.conv4 = nn.Conv2d(32, 32, 1), nn.Conv2d(32, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))  # conv1 (3 input channels) stays float in the preset
+        x = self.relu6(self.bn2(self.conv2(x)))
+        return self.conv4(torch.nn.functional.relu(self.conv3(x)))
+
+
+def test_materialize_gives_relu_fed_quantizers_the_clip_form() -> None:
+    qmodel = qatgraph.compile(_ReluAndRelu6(), "tensorrt", example_inputs=(torch.randn(2, 3, 8, 8),))
+    forms = {name: quantizer.compiled_form for name, quantizer in iter_quantizers(qmodel) if not quantizer.is_weight}
+    assert forms == {"quantizers.relu": "clip", "quantizers.relu6": "mask", "quantizers.relu_1": "clip"}, forms
+    resnet = qatgraph.compile(models.resnet18_like(), "tensorrt", example_inputs=(torch.randn(2, 3, 32, 32),))
+    for name, quantizer in iter_quantizers(resnet):
+        if not quantizer.is_weight:
+            assert quantizer.compiled_form == ("clip" if "relu" in name else "mask"), name
+
+
+@pytest.mark.slow
+def test_inductor_training_step_matches_eager_with_both_forms() -> None:
+    qmodel, x = qat_model(_ReluAndRelu6, (4, 3, 8, 8), "tensorrt")
+    qmodel.train()
+    twin = copy.deepcopy(qmodel)
+    eager_out = training_step(qmodel, x)
+    compiled_out = training_step(torch.compile(twin), x)
+    scale = eager_out.abs().max().item()
+    assert (compiled_out - eager_out).abs().max().item() <= 1e-3 * scale
+    for (name, eager_param), (_, compiled_param) in zip(qmodel.named_parameters(), twin.named_parameters()):
+        # Inductor may move a value across a rounding tie (one code): compare relative to the gradient's size.
+        difference = (compiled_param.grad - eager_param.grad).abs().max().item()
+        assert difference <= 2e-2 * eager_param.grad.abs().max().item() + 1e-6, name
 
 
 # ----------------------------------------------------------------------------- guards on Python state
