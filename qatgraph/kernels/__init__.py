@@ -1,4 +1,8 @@
-"""Hand-written accelerator kernels used by qatgraph's custom ops.
+"""Hand-written kernels used by qatgraph's custom ops.
+
+* ``partial_wgrad_triton``: EfQAT's partial weight gradient on the GPU (Triton);
+* ``fake_quant_cpu.cpp`` + ``fake_quant_cpu_ext``: eager per-tensor fake-quant on the CPU (C++,
+  built on first use with ``torch.utils.cpp_extension``; see that module).
 
 Nothing here is imported eagerly: Triton is optional (CPU-only installs work without it) and
 importing it costs time, so callers ask :func:`triton_available` first and import the kernel
