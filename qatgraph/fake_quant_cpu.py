@@ -50,7 +50,7 @@ class FakeQuantizeCpu(torch.autograd.Function):
             output, mask = kernel.forward(x, float(scale), qmin - zero, qmax - zero, need_mask)
             ctx.kernel = kernel
         else:
-            output, mask = _forward_torch_ops(x, scale, zero_point, qmin, qmax, axis)
+            output, mask = fake_quantize_with_mask(x, scale, zero_point, qmin, qmax, axis)
             ctx.kernel = None
         if need_mask:
             ctx.save_for_backward(mask)
@@ -66,8 +66,11 @@ class FakeQuantizeCpu(torch.autograd.Function):
         return grad_input, None, None, None, None, None, None
 
 
-def _forward_torch_ops(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                       axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                            axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATen's fake-quant of float32 ``x`` in torch ops: (output, straight-through bool mask).
+
+    Shared by the eager fallback here and the compiled "mask" form (``qatgraph.quantizer``)."""
     scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
     zero_point = zero_point.to(torch.float32)
     # Integers are exact in float32, so clamping round(x / s) to [qmin - zp, qmax - zp] is

@@ -29,7 +29,7 @@ from torch import nn
 
 from .calibrators import Calibrator, make_calibrator
 from .errors import CalibrationError, NotCalibratedError
-from .fake_quant_cpu import broadcast_qparams, fake_quantize_cpu
+from .fake_quant_cpu import broadcast_qparams, fake_quantize_cpu, fake_quantize_with_mask
 from .policy import QuantSpec
 
 _MIN_AMAX = 1e-8  # an all-zero tensor still gets a valid (positive) scale
@@ -112,11 +112,9 @@ class _MaskedFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                 qmax: int) -> torch.Tensor:
-        zero = zero_point.to(torch.float32)
-        codes = torch.round(x.float() * (1.0 / scale))
-        clamped = torch.clamp(codes, qmin - zero, qmax - zero)
-        ctx.save_for_backward(clamped == codes)
-        return (clamped * scale).to(x.dtype)
+        output, mask = fake_quantize_with_mask(x.float(), scale, zero_point, qmin, qmax, None)
+        ctx.save_for_backward(mask)
+        return output.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -69,21 +69,31 @@ def test_kernel_takes_an_expanded_gradient() -> None:
     assert torch.equal(x.grad, inside.float())
 
 
-@needs_compiler
-def test_kernel_skips_the_mask_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+def _spy_on_kernel(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple]]:
+    """Route the kernel's calls through a recorder; returns the (method, arguments) list."""
     kernel = fake_quant_cpu_ext.load()
-    calls = []
+    calls: list[tuple[str, tuple]] = []
 
     class Spy:
         def forward(self, *args):
-            calls.append(args[-1])
+            calls.append(("forward", args))
             return kernel.forward(*args)
 
+        def backward(self, *args):
+            calls.append(("backward", args))
+            return kernel.backward(*args)
+
     monkeypatch.setattr(fake_quant_cpu_ext, "load", lambda: Spy())
+    return calls
+
+
+@needs_compiler
+def test_kernel_skips_the_mask_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy_on_kernel(monkeypatch)
     x = torch.randn(2, 3, 4)
     with torch.no_grad():
         out = fake_quantize_cpu(x, SCALE, torch.tensor(0, dtype=torch.int32), -128, 127, None)
-    assert calls == [False]
+    assert [(name, args[-1]) for name, args in calls] == [("forward", False)]  # need_mask=False
     assert torch.equal(out, _aten(x, 0, -128, 127)[0])
 
 
@@ -99,24 +109,12 @@ def test_nan_propagates_with_zero_gradient(use_kernel: bool) -> None:
 
 @needs_compiler
 def test_fake_quantizer_trains_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    kernel = fake_quant_cpu_ext.load()
-    used = []
-
-    class Spy:
-        def forward(self, *args):
-            used.append("forward")
-            return kernel.forward(*args)
-
-        def backward(self, *args):
-            used.append("backward")
-            return kernel.backward(*args)
-
-    monkeypatch.setattr(fake_quant_cpu_ext, "load", lambda: Spy())
+    calls = _spy_on_kernel(monkeypatch)
     quantizer = FakeQuantizer(QuantSpec(bits=8), name="act")
     quantizer.set_range(torch.tensor(-1.0), torch.tensor(1.0))
     x = torch.randn(4, 16, requires_grad=True)
     quantizer(x).sum().backward()
-    assert used == ["forward", "backward"]
+    assert [name for name, _ in calls] == ["forward", "backward"]
 
 
 def test_broken_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.MonkeyPatch,
