@@ -15,8 +15,9 @@ same bits (tests/test_quantizer.py):
   ``where`` backward (5.9 ms and 5.4 ms on that activation).
 
 Deviation from ATen kept on purpose in both: a NaN input stays NaN (ATen outputs ``qmin``), with
-gradient 0. Only for eager float32 on the CPU: CUDA keeps ATen's fused kernel, compiled graphs use
-``fake_quantize_reference`` (which Inductor fuses).
+gradient 0. The kernel runs only for eager float32 on the CPU (CUDA keeps ATen's fused kernel).
+The torch-op form is also the "mask" form of compiled graphs (``qatgraph.quantizer``), on any
+device: Dynamo traces this autograd function, forward and backward, and Inductor fuses it.
 """
 from __future__ import annotations
 
@@ -68,9 +69,7 @@ class FakeQuantizeCpu(torch.autograd.Function):
 
 def fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                             axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ATen's fake-quant of float32 ``x`` in torch ops: (output, straight-through bool mask).
-
-    Shared by the eager fallback here and the compiled "mask" form (``qatgraph.quantizer``)."""
+    """ATen's fake-quant of float32 ``x`` in torch ops: (output, straight-through bool mask)."""
     scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
     zero_point = zero_point.to(torch.float32)
     # Integers are exact in float32, so clamping round(x / s) to [qmin - zp, qmax - zp] is

@@ -29,7 +29,7 @@ from torch import nn
 
 from .calibrators import Calibrator, make_calibrator
 from .errors import CalibrationError, NotCalibratedError
-from .fake_quant_cpu import broadcast_qparams, fake_quantize_cpu, fake_quantize_with_mask
+from .fake_quant_cpu import broadcast_qparams, fake_quantize_cpu
 from .policy import QuantSpec
 
 _MIN_AMAX = 1e-8  # an all-zero tensor still gets a valid (positive) scale
@@ -89,7 +89,7 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     # it differently: compiled forward + backward measured 1.22-1.32x FP32 with clamp against
     # 1.11-1.15x with minimum/maximum on ResNet-18-like, and 1.06-1.08x against 1.15-1.18x on
     # MobileNetV2-like (2 CPU threads); ReLU-fed quantizers in ResNet-style networks decided
-    # (the others use _MaskedFakeQuantize when compiled, see COMPILED_FORMS). The bounds are
+    # (the others use the "mask" form when compiled, see COMPILED_FORMS). The bounds are
     # scalars or per-channel vectors.
     lower_tie, upper_tie = low - 0.5, high + 0.5
     lower = torch.nextafter(lower_tie, torch.where(torch.round(lower_tie) >= low, lower_tie - 1, lower_tie + 1))
@@ -98,28 +98,6 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     coded = torch.minimum(torch.maximum(torch.round(clipped), low), high)
     rounded = clipped + (coded - clipped).detach()
     return (rounded * scale).to(x.dtype)
-
-
-class _MaskedFakeQuantize(torch.autograd.Function):
-    """Per-tensor fake-quant for compiled graphs with an explicit straight-through backward.
-
-    Forward: ATen's arithmetic (``round(x * (1 / scale))``, clamp after the zero point, times
-    scale) in float32, so the bits equal the eager kernels'; it saves a boolean mask of the inputs
-    the clamp left alone, and the backward passes the gradient there (ATen's mask, exact at every
-    input). Dynamo traces both methods into the graph, so Inductor fuses them like plain ops.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                qmax: int) -> torch.Tensor:
-        output, mask = fake_quantize_with_mask(x.float(), scale, zero_point, qmin, qmax, None)
-        ctx.save_for_backward(mask)
-        return output.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None, None, None
 
 
 class FakeQuantizer(nn.Module):
@@ -297,7 +275,10 @@ class FakeQuantizer(nn.Module):
             scale = _grad_scaled(scale, 1.0 / math.sqrt(max(numel, 1) * max(self.qmax, 1)))
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
         if torch.compiler.is_compiling() and self.axis is None and self.compiled_form == "mask":
-            return _MaskedFakeQuantize.apply(x, scale, zero_point, self.qmin, self.qmax)
+            # The torch-op form of the eager CPU autograd function (saved bool mask, ATen's exact
+            # gradient): Dynamo traces its forward and backward, so Inductor fuses them like plain ops.
+            return fake_quantize_cpu(x.float(), scale, zero_point, self.qmin, self.qmax, None,
+                                     use_kernel=False).to(x.dtype)
         if x.dtype != torch.float32 or torch.compiler.is_compiling():
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
         if x.device.type == "cpu":
