@@ -141,8 +141,12 @@ def test_environment_switch(monkeypatch: pytest.MonkeyPatch, value: str, disable
         assert fake_quant_cpu_ext.build() is None
 
 
-def test_build_directory_follows_cache_dir_and_torch_version(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_directory_follows_cache_dir_torch_version_and_source(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QATGRAPH_CACHE_DIR", str(tmp_path))
     directory = fake_quant_cpu_ext.build_directory()
-    assert directory.parent == tmp_path / "kernels"
-    assert torch.__version__.split("+")[0] in directory.name
+    assert directory.parent.parent == tmp_path / "kernels"
+    assert torch.__version__.split("+")[0] in directory.parent.name
+    changed = tmp_path / "changed.cpp"
+    changed.write_text("// another source\n")
+    monkeypatch.setattr(fake_quant_cpu_ext, "_SOURCE", changed)
+    assert fake_quant_cpu_ext.build_directory() != directory  # a new source builds afresh

@@ -3,7 +3,7 @@
 :func:`load` compiles the kernel once per machine with ``torch.utils.cpp_extension`` (about 30 s,
 needs a C++ compiler with OpenMP, which ``torch.compile`` on CPU needs as well) into
 ``$QATGRAPH_CACHE_DIR`` (default ``~/.cache/qatgraph``), under a folder named after the torch
-version and the Python ABI so that upgrades rebuild; later processes load the built library in
+version, the Python ABI and a hash of the source, so that upgrades rebuild; later processes load the built library in
 milliseconds. It never raises: without a compiler (or with ``QATGRAPH_CPU_KERNEL=0``) it returns
 ``None`` and the caller uses the vectorized torch-op form, which gives the same bits, only slower.
 Concurrent first uses are safe (``cpp_extension`` serializes builds with a lock file).
@@ -11,6 +11,7 @@ Concurrent first uses are safe (``cpp_extension`` serializes builds with a lock 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -35,10 +36,12 @@ def kernel_disabled() -> bool:
 
 
 def build_directory() -> Path:
-    """Where the kernel is built and cached for this torch and Python."""
+    """Where the kernel is built and cached for this torch, this Python and this kernel source
+    (a changed source gets a fresh folder, so "already built" is a plain file check)."""
     root = Path(os.environ.get("QATGRAPH_CACHE_DIR") or Path.home() / ".cache" / "qatgraph")
     abi = sysconfig.get_config_var("SOABI") or f"py{sys.version_info.major}{sys.version_info.minor}"
-    return root / "kernels" / f"torch-{torch.__version__.replace('+', '-')}-{abi}"
+    source = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12] if _SOURCE.exists() else "missing"
+    return root / "kernels" / f"torch-{torch.__version__.replace('+', '-')}-{abi}" / source
 
 
 @functools.cache
