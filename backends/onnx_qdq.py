@@ -7,7 +7,7 @@ Used by :func:`qatgraph.backends.onnx.export_onnx`. Expects a model from ``qatgr
 :func:`prepare_for_export` works on a deep copy in eval mode and guarantees:
 
 * BatchNorm is folded into its Conv/ConvTranspose/Linear in every graph region, exactly: the
-  per-channel weight scales are rescaled (``qatgraph.folding``), so ``bn: train`` models export
+  per-channel weight scales are rescaled (``qatgraph.graph.folding``), so ``bn: train`` models export
   the same integers as ``bn: fold`` ones (up to float-rounding ties, ~1e-5 of the weights);
 * every enabled activation :class:`FakeQuantizer` becomes :class:`QuantizeDequantize`, a call of
   the custom op ``qatgraph_onnx::quantize_dequantize`` that the ONNX translations below turn into
@@ -35,8 +35,12 @@ from onnx import TensorProto
 from torch import nn
 
 from qatgraph.errors import ExportError, listing
-from qatgraph.folding import fold_graph_batchnorm
-from qatgraph.quantizer import FakeQuantizer, fake_quantize_reference, iter_quantizers
+from qatgraph.graph.folding import fold_graph_batchnorm
+from qatgraph.quant.quantizer import (
+    FakeQuantizer,
+    fake_quantize_reference,
+    iter_quantizers,
+)
 
 log = logging.getLogger(__name__)
 

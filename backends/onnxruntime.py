@@ -3,8 +3,7 @@
 Expects an ONNX file from :func:`qatgraph.backends.onnx.export_onnx` (or any ONNX model).
 Guarantees: :class:`OrtRunner` runs on the CPU execution provider unless told otherwise and
 takes numpy arrays or torch tensors. The parity check against the PyTorch QAT model lives in
-:mod:`qatgraph.backends.parity` (``check_parity`` and ``ParityReport`` are importable from here
-too).
+:mod:`qatgraph.backends.parity`, which builds on this module.
 
 ORT's default ``WeightBiasQuantization`` transformer rounds float Conv/Gemm biases to int32 at
 scale s_x * s_w (neither PyTorch nor TensorRT does; it adds 1e-3 relative on resnet18_like and
@@ -23,7 +22,12 @@ import numpy as np
 import onnx
 import torch
 
-from qatgraph.errors import BackendUnavailableError, ExportError, QatgraphError, did_you_mean
+from qatgraph.errors import (
+    BackendUnavailableError,
+    ExportError,
+    QatgraphError,
+    did_you_mean,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +118,3 @@ def _as_numpy(value: Any, ort_type: str) -> np.ndarray:
     array = np.asarray(value)
     wanted = _ORT_NUMPY_TYPES.get(ort_type)
     return np.ascontiguousarray(array.astype(wanted, copy=False) if wanted is not None else array)
-
-
-def __getattr__(name: str):
-    """``check_parity`` / ``ParityReport`` from :mod:`qatgraph.backends.parity` (imported lazily:
-    that module builds on :class:`OrtRunner`)."""
-    if name in ("check_parity", "ParityReport"):
-        from qatgraph.backends import parity
-        return getattr(parity, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

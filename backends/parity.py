@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_leaves
 from qatgraph.backends import onnx_qdq
 from qatgraph.backends.onnxruntime import OrtRunner, _load
 from qatgraph.errors import QatgraphError
-from qatgraph.quantizer import FakeQuantizer, iter_quantizers
+from qatgraph.quant.quantizer import FakeQuantizer, iter_quantizers
 
 log = logging.getLogger(__name__)
 

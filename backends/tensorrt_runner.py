@@ -10,7 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qatgraph.backends.tensorrt import _TRT_DTYPE_NAMES, _make_logger, _read_onnx, tensorrt_available
+from qatgraph.backends.tensorrt_config import (
+    _TRT_DTYPE_NAMES,
+    _make_logger,
+    _read_onnx,
+    tensorrt_available,
+)
 from qatgraph.errors import BackendUnavailableError, ExportError
 
 

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import time
 
-from qatgraph.backends.tensorrt import (
+from qatgraph.backends.tensorrt_config import (
     EngineBuildConfig,
     EngineInfo,
     _OnnxSummary,

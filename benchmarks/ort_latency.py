@@ -23,7 +23,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import models  # noqa: E402  (tests/models.py: the test zoo)
-from common import environment, format_table, median_ms, spread_percent, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    format_table,
+    median_ms,
+    spread_percent,
+    time_interleaved,
+)
 
 import qatgraph  # noqa: E402
 from qatgraph.backends.onnxruntime import OrtRunner  # noqa: E402

@@ -91,7 +91,7 @@ def bench_one(dtype_name: str, shape: str, ratio: float, generator: torch.Genera
     import triton.testing
 
     from qatgraph.kernels.partial_wgrad_triton import partial_wgrad_triton
-    from qatgraph.partial_grad import masked_linear
+    from qatgraph.ops.partial_grad import masked_linear
 
     dtype = DTYPES[dtype_name]
     tokens, in_features, out_features = parse_shape(shape)

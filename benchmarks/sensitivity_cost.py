@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import models  # tests/models.py, importable once tests/ is on the path
 
 import qatgraph
-from qatgraph import sensitivity_analysis as sens
+from qatgraph.sensitivity_analysis import scores as sens
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,6 +1,6 @@
 """QAT of a BERT-style encoder built from a transformers config (no download): Hugging Face
 models have no torch.fx tracer in transformers 5, so qatgraph builds the graph with
-``qatgraph.frontends.export_graph`` (torch.export), then compiles, calibrates on
+``qatgraph.graph.frontends.export_graph`` (torch.export), then compiles, calibrates on
 ``{"input_ids", "attention_mask"}`` batches, fine-tunes a few steps, exports ONNX Q/DQ (linted)
 and checks ONNX Runtime parity.
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import qatgraph
-from qatgraph.frontends import export_graph
+from qatgraph.graph.frontends import export_graph
 
 
 def build_bert(hidden: int, layers: int, vocab: int, num_labels: int) -> torch.nn.Module:

@@ -17,8 +17,21 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from qatgraph.annotations import OP_KEY, TENSOR_KEY, OpAnnotation, quantize_edge, tensor_annotation
-from qatgraph.graph_ops import activation_args, cat_inputs, is_cat, layer_name, node_module, weighted_kind
+from qatgraph.graph.annotations import (
+    OP_KEY,
+    TENSOR_KEY,
+    OpAnnotation,
+    quantize_edge,
+    tensor_annotation,
+)
+from qatgraph.graph.queries import (
+    activation_args,
+    cat_inputs,
+    is_cat,
+    layer_name,
+    node_module,
+    weighted_kind,
+)
 from qatgraph.policy import Policy
 
 

@@ -3,7 +3,7 @@
 Expects: a materialized QAT model (quantized Conv/Linear modules with weight quantizers),
 ideally calibrated (importance is computed from the weights, which calibration does not change).
 Guarantees:
-* a :class:`~qatgraph.efqat.FreezeController` is attached as ``model.qatgraph_freeze``: each
+* a :class:`~qatgraph.efqat.controller.FreezeController` is attached as ``model.qatgraph_freeze``: each
   quantized Conv1d/2d/3d and Linear trains only its selected rows through the
   ``qatgraph::masked_*`` ops (CWPL/CWPN), or whole layers are frozen (LWPN:
   ``weight.requires_grad = False``, no weight-gradient GEMM at all);
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from qatgraph.efqat import FreezeController
+from qatgraph.efqat.controller import FreezeController
 from qatgraph.policy import Policy
 
 

@@ -6,7 +6,7 @@ Guarantees:
   output (Linear only with a 2-D output) is folded into that layer and removed; the function
   of the model in eval mode is unchanged (to float rounding).
 * ``policy.bn == "train"``: nothing changes; each foldable pair is recorded on the layer's node
-  (``node.meta["qatgraph.bn"]``) so exporters fold it later, exactly (see qatgraph/folding.py).
+  (``node.meta["qatgraph.bn"]``) so exporters fold it later, exactly (see qatgraph/graph/folding.py).
 ReLU needs no fusion: TensorRT fuses it, and simulating the fusion in training is what its
 explicit-quantization guide says not to do.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from qatgraph.folding import fold_graph_batchnorm, foldable_pairs
+from qatgraph.graph.folding import fold_graph_batchnorm, foldable_pairs
 from qatgraph.policy import Policy
 
 BN_KEY = "qatgraph.bn"

@@ -8,7 +8,7 @@ Guarantees:
   consumer keeps the original (TensorRT rule 5: one Q/DQ per tensor, shared);
 * each activation quantizer's ``compiled_form`` (its fake-quant form under ``torch.compile``) is
   ``"clip"`` when the tensor comes straight from a ReLU and ``"mask"`` otherwise, the split that
-  measured cheapest (``qatgraph.quantizer.COMPILED_FORMS``);
+  measured cheapest (``qatgraph.quant.quantizer.COMPILED_FORMS``);
 * every quantized Conv/ConvTranspose/Linear module is swapped in place for its quantized class
   with a per-channel weight quantizer (parameter names unchanged), calibrated from its weight;
 * the GraphModule is recompiled and lints clean.
@@ -22,11 +22,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from qatgraph.annotations import TENSOR_KEY, op_annotation, tensor_annotation
-from qatgraph.graph_ops import node_module
+from qatgraph.graph.annotations import TENSOR_KEY, op_annotation, tensor_annotation
+from qatgraph.graph.queries import node_module
 from qatgraph.policy import Policy
-from qatgraph.qmodules import quantize_module
-from qatgraph.quantizer import FakeQuantizer
+from qatgraph.quant.qmodules import quantize_module
+from qatgraph.quant.quantizer import FakeQuantizer
 
 QUANTIZER_KEY = "qatgraph.quantizer"
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from qatgraph.annotations import RESIDUAL_KEY, op_annotation, quantize_edge
-from qatgraph.graph_ops import chain_source, is_add, weighted_depth
+from qatgraph.graph.annotations import RESIDUAL_KEY, op_annotation, quantize_edge
+from qatgraph.graph.queries import chain_source, is_add, weighted_depth
 from qatgraph.policy import Policy
 
 

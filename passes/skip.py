@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from qatgraph.annotations import op_annotation, unquantize_consumer
-from qatgraph.graph_ops import node_module
+from qatgraph.graph.annotations import op_annotation, unquantize_consumer
+from qatgraph.graph.queries import node_module
 from qatgraph.passes.annotate import MatMul
 from qatgraph.policy import Policy
 

@@ -8,33 +8,27 @@
 """
 from __future__ import annotations
 
-from .calibrate import calibrate
 from .errors import (
-                     BackendUnavailableError,
-                     CalibrationError,
-                     ExportError,
-                     NotCalibratedError,
-                     PolicyError,
-                     QatgraphError,
-                     SensitivityError,
-                     TraceError,
+    BackendUnavailableError,
+    CalibrationError,
+    ExportError,
+    NotCalibratedError,
+    PolicyError,
+    QatgraphError,
+    SensitivityError,
+    TraceError,
 )
-from .finetune import FinetuneHistory, finetune, recipe
 from .info import CompileInfo, LayerDecision, QatgraphWarning
-from .layer_quantizers import apply_skip
 from .pipeline import compile  # noqa: A004 - the public name users expect
-from .policy import (
-                     FreezeConfig,
-                     LayerRule,
-                     Policy,
-                     QuantSpec,
-                     SensitivityConfig,
-                     TracingConfig,
-)
-from .quantizer import FakeQuantizer, iter_quantizers
-from .sensitivity_analysis import recommend_skip, sensitivity
-from .sensitivity_report import SensitivityReport, SkipRecommendation
+from .policy import FreezeConfig, LayerRule, Policy, QuantSpec, SensitivityConfig, TracingConfig
+from .quant.calibrate import calibrate
+from .quant.quantizer import FakeQuantizer, iter_quantizers
+from .sensitivity_analysis.probes import apply_skip
+from .sensitivity_analysis.recommend import SkipRecommendation, recommend_skip
+from .sensitivity_analysis.report import SensitivityReport
+from .sensitivity_analysis.scores import sensitivity
 from .summary import Summary, summary
+from .train.finetune import FinetuneHistory, finetune, recipe
 
 __version__ = "0.1.0"
 

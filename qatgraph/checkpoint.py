@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from qatgraph.policy import Policy
+
 from .errors import QatgraphError
 from .pipeline import compile as compile_model
-from .policy import Policy
 
 FORMAT = "qatgraph-checkpoint/1"
 

@@ -57,9 +57,10 @@ def batches_of(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from qatgraph.policy import Policy
+
     from .checkpoint import ModelSource, save_checkpoint
     from .pipeline import compile as compile_model
-    from .policy import Policy
     from .summary import summary
 
     source = ModelSource(args.model, args.weights, args.input_shape)
@@ -72,7 +73,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
+    from qatgraph.quant.calibrate import calibrate
+
     from .checkpoint import load_checkpoint, save_checkpoint
 
     qmodel, source, policy = load_checkpoint(args.checkpoint)
@@ -148,8 +150,9 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from qatgraph.sensitivity_analysis.scores import sensitivity
+
     from .checkpoint import load_checkpoint
-    from .sensitivity_analysis import sensitivity
 
     qmodel, source, _ = load_checkpoint(args.checkpoint)
     samples = load_samples(args.data, source.input_shape, args.num_samples)

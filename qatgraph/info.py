@@ -8,9 +8,9 @@ import torch.fx as fx
 from torch import nn
 
 if TYPE_CHECKING:
-    from .annotations import OpAnnotation
-    from .policy import Policy
-    from .tracing import TraceReport
+    from qatgraph.graph.annotations import OpAnnotation
+    from qatgraph.graph.tracing import TraceReport
+    from qatgraph.policy import Policy
 
 
 class QatgraphWarning(UserWarning):

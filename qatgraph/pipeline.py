@@ -23,14 +23,22 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qatgraph.passes import annotate, attention, freeze, fuse, materialize, residual, skip
+from qatgraph.graph.annotations import op_annotation
+from qatgraph.graph.tracing import trace_model
+from qatgraph.passes import (
+    annotate,
+    attention,
+    freeze,
+    fuse,
+    materialize,
+    residual,
+    skip,
+)
+from qatgraph.policy import Policy
+from qatgraph.quant.qmodules import op_kind, quantize_module
 
-from .annotations import op_annotation
 from .errors import QatgraphError, TraceError
 from .info import CompileInfo, LayerDecision, QatgraphWarning, keep_state_on_deepcopy
-from .policy import Policy
-from .qmodules import op_kind, quantize_module
-from .tracing import trace_model
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qatgraph.quant.quantizer import FakeQuantizer
+
 from .info import LayerDecision, compile_info
-from .quantizer import FakeQuantizer
 
 
 @dataclass

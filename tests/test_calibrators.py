@@ -1,4 +1,4 @@
-"""Tests for qatgraph/calibrators.py: closed-form ranges, histogram growth, TensorRT's KL method
+"""Tests for qatgraph/quant/calibrators.py: closed-form ranges, histogram growth, TensorRT's KL method
 against a direct port of pytorch-quantization's loop, mse against max calibration's error,
 per-channel behaviour, degenerate inputs and errors. CPU, a few seconds; one GPU test."""
 from __future__ import annotations
@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qatgraph.calibrators import (
+from qatgraph.errors import CalibrationError, PolicyError
+from qatgraph.policy import QuantSpec
+from qatgraph.quant.calibrators import (
     CALIBRATOR_TYPES,
     NUM_BINS,
     Calibrator,
@@ -21,8 +23,6 @@ from qatgraph.calibrators import (
     _kl_threshold_bin,
     make_calibrator,
 )
-from qatgraph.errors import CalibrationError, PolicyError
-from qatgraph.policy import QuantSpec
 
 
 def calibrate(x, axis=None, **spec_fields):

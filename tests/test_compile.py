@@ -10,7 +10,12 @@ from models import ZOO, BasicBlock, resnet18_like
 from torch import nn
 
 import qatgraph
-from qatgraph.errors import CalibrationError, NotCalibratedError, PolicyError, TraceError
+from qatgraph.errors import (
+    CalibrationError,
+    NotCalibratedError,
+    PolicyError,
+    TraceError,
+)
 
 
 def calibration_batches(shape, count=3, seed=0):

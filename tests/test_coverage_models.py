@@ -23,13 +23,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from placement import quantized_edges, quantizer_targets
-from qatgraph.backends.onnx import ExportResult, export_onnx
-from qatgraph.backends.parity import ParityReport, check_parity
-from qatgraph.passes import attention
 from torch import fx, nn
 
 import qatgraph
-from qatgraph import TraceError, frontends, pipeline
+from qatgraph import TraceError, pipeline
+from qatgraph.backends.onnx import ExportResult, export_onnx
+from qatgraph.backends.parity import ParityReport, check_parity
+from qatgraph.graph import frontends
+from qatgraph.passes import attention
 
 pytestmark = pytest.mark.filterwarnings("ignore::qatgraph.QatgraphWarning", "ignore::torch.jit.TracerWarning",
                                        "ignore:Exporting aten.*index operator:UserWarning")

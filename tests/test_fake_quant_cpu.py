@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from qatgraph import FakeQuantizer, QuantSpec
-from qatgraph import fake_quant_cpu
-from qatgraph.fake_quant_cpu import fake_quantize_cpu
 from qatgraph.kernels import fake_quant_cpu_ext
+from qatgraph.ops import fake_quant_cpu
+from qatgraph.ops.fake_quant_cpu import fake_quantize_cpu
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                     reason="no C++ compiler on PATH: the CPU kernel cannot be built here")

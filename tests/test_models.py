@@ -14,8 +14,6 @@ import operator
 import pytest
 import torch
 import torch.fx
-from torch import nn
-
 from models import (
     BLOCKS,
     NUM_CLASSES,
@@ -30,6 +28,7 @@ from models import (
     seed_everything,
     vit_like,
 )
+from torch import nn
 
 ALL_MODELS = {**ZOO, **BLOCKS}
 

@@ -1,4 +1,4 @@
-"""Tests for qatgraph.partial_grad: EfQAT masked linear/conv ops.
+"""Tests for qatgraph.ops.partial_grad: EfQAT masked linear/conv ops.
 
 Reference: full autograd gradients of F.linear / F.conv*d with the frozen rows of dW zeroed.
 FLOP tests prove the weight-gradient work scales with the number of trainable rows.
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from qatgraph import partial_grad
 from qatgraph.errors import QatgraphError
-from qatgraph.partial_grad import (
+from qatgraph.ops import partial_grad
+from qatgraph.ops.partial_grad import (
     check_row_index,
     masked_conv,
     masked_linear,

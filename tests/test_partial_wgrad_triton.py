@@ -23,7 +23,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from qatgraph.partial_grad import partial_weight_grad_linear
+from qatgraph.ops.partial_grad import partial_weight_grad_linear
 
 # Small tiles keep the interpreter fast; min_blocks_per_split=1 lets small M still split.
 SMALL_TILES = {"block_r": 16, "block_k": 16, "block_m": 16, "num_warps": 1, "num_stages": 1, "min_blocks_per_split": 1}

@@ -1,4 +1,4 @@
-"""Tests for the quantization policy (qatgraph/policy.py, qatgraph/presets.py).
+"""Tests for the quantization policy (qatgraph/policy/).
 
 Covers: the ``tensorrt`` and ``onnxruntime`` presets; ``Policy.from_any`` with a preset name, a
 dict starting from a preset with partial overrides, a YAML file and a Policy; override
@@ -11,14 +11,14 @@ reaches the weight quantizer, ``qatgraph_info.layers`` records why).
 """
 from __future__ import annotations
 
+import models
 import pytest
 import torch
 from torch import nn
 
-import models
 import qatgraph
 from qatgraph import FreezeConfig, LayerRule, Policy, PolicyError, QuantSpec
-from qatgraph.qmodules import QuantConv2d, QuantLinear
+from qatgraph.quant.qmodules import QuantConv2d, QuantLinear
 
 
 def policy_error(data: object) -> str:

@@ -1,4 +1,4 @@
-"""Tests for the quantized weighted layers (qatgraph/qmodules.py).
+"""Tests for the quantized weighted layers (qatgraph/quant/qmodules.py).
 
 ``quantize_module`` on Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear must: keep parameter
 names and ``isinstance`` (state_dict keys = the original keys + ``weight_quantizer.*``); give a
@@ -15,8 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatgraph import Policy, QuantSpec
-from qatgraph.qmodules import (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
-                               QuantConvTranspose3d, QuantLinear, op_kind, quantize_module, weight_axis)
+from qatgraph.quant.qmodules import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
+    QuantConvTranspose3d,
+    QuantLinear,
+    op_kind,
+    quantize_module,
+    weight_axis,
+)
 
 WEIGHT_SPEC = Policy.from_any("tensorrt").weight        # INT8 symmetric per-channel, [-127, 127]
 ACTIVATION_SPEC = Policy.from_any("tensorrt").activation

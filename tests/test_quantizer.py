@@ -1,4 +1,4 @@
-"""Tests for the fake-quantizer (qatgraph/quantizer.py).
+"""Tests for the fake-quantizer (qatgraph/quant/quantizer.py).
 
 Checks the numbers against hand-written references: per-tensor and per-channel fake-quant equal
 ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` with round-half-to-even; the
@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import math
 
+import models
 import pytest
 import torch
 
-import models
 import qatgraph
-from qatgraph import CalibrationError, FakeQuantizer, NotCalibratedError, QuantSpec, iter_quantizers
-from qatgraph.quantizer import fake_quantize_reference, scale_zero_point
-from qatgraph.fake_quant_cpu import fake_quantize_cpu
+from qatgraph import (
+    CalibrationError,
+    FakeQuantizer,
+    NotCalibratedError,
+    QuantSpec,
+    iter_quantizers,
+)
+from qatgraph.ops.fake_quant_cpu import fake_quantize_cpu
+from qatgraph.quant.quantizer import fake_quantize_reference, scale_zero_point
 
 INT8_ACT = QuantSpec(bits=8, symmetric=True)                                   # [-128, 127]
 UINT8_ACT = QuantSpec(bits=8, symmetric=False)                                 # [0, 255]

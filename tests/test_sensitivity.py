@@ -1,4 +1,4 @@
-"""Tests for qatgraph/sensitivity_analysis.py and qatgraph/sensitivity_report.py.
+"""Tests for qatgraph/sensitivity_analysis/.
 
 The main oracle is a model with one planted fragile layer: ``fc2`` has a column of huge weights
 on an input that is always zero. In floating point those weights do nothing, but they set every
@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 
+import models
 import pytest
 import torch
 from torch import nn
 
-import models
 import qatgraph
-import qatgraph.sensitivity_analysis as sens
+import qatgraph.sensitivity_analysis.scores as sens
 from qatgraph.errors import SensitivityError
 
 

@@ -1,4 +1,4 @@
-"""Tests for tracing (qatgraph/tracing.py) through ``qatgraph.compile``.
+"""Tests for tracing (qatgraph/graph/tracing.py) through ``qatgraph.compile``.
 
 Models that torch.fx cannot trace whole must still be quantized: the traceable children are
 traced (partial tracing) and the rest falls back to module-wise quantization, with a
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import inspect
 
+import models
 import pytest
 import torch
 from torch import fx, nn
 
-import models
 import qatgraph
 from qatgraph import TraceError, iter_quantizers
-from qatgraph.qmodules import QuantConv2d
+from qatgraph.quant.qmodules import QuantConv2d
 
 pytestmark = pytest.mark.filterwarnings("ignore::qatgraph.QatgraphWarning")
 

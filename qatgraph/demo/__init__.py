@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from qatgraph.progress import progress
 
 from .data import DemoData, load_cifar10_data, load_digits_data
 from .model import demo_model
-from .steps import export_and_evaluate, measure_backward, print_table
+from .steps import DemoResult, export_and_evaluate, measure_backward, print_table
 
 
 @dataclass
@@ -39,12 +39,6 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(fp32_epochs=3, qat_epochs=1, calibration_batches=2, sensitivity_samples=64)
-
-
-@dataclass
-class DemoResult:
-    metrics: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def accuracy(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -6,7 +6,8 @@ import copy
 import os
 import statistics
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,8 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from . import DemoResult
     from .data import DemoData
+
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured: accuracies and other numbers (``metrics``) and seconds (``timings``)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def measure_backward(full_qat: nn.Module, efqat: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],

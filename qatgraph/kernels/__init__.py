@@ -8,6 +8,9 @@ Nothing here is imported eagerly: Triton is optional (CPU-only installs work wit
 importing it costs time, so callers ask :func:`triton_available` first and import the kernel
 module (``qatgraph.kernels.partial_wgrad_triton``) only on the CUDA path.
 
+May import: nothing of qatgraph but :mod:`qatgraph.errors` (torch, triton and the C++ toolchain only);
+the operators in :mod:`qatgraph.ops` launch these kernels.
+
 Guarantees: :func:`triton_available` never raises; it answers ``True`` only when ``import triton``
 succeeds. Whether a kernel may run on a given tensor is decided by the caller (CUDA tensors, or
 CPU tensors under ``TRITON_INTERPRET=1`` in tests).

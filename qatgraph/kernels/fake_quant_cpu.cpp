@@ -1,7 +1,7 @@
 // Per-tensor fake-quantization for float32 CPU tensors in one pass forward and one pass backward.
 //
 // Built on first use by qatgraph/kernels/fake_quant_cpu_ext.py (torch.utils.cpp_extension) and
-// called from qatgraph/fake_quant_cpu.py. Same arithmetic as ATen's fake_quantize_per_tensor_affine:
+// called from qatgraph/ops/fake_quant_cpu.py. Same arithmetic as ATen's fake_quantize_per_tensor_affine:
 // q = nearbyint(x * inv_scale) (round half to even, inv_scale = 1 / scale in float32), clamped to
 // [qmin - zero_point, qmax - zero_point], times scale; the straight-through mask is 1 where the
 // clamp left q unchanged. Deviation kept on purpose: NaN propagates (ATen maps it to qmin) and

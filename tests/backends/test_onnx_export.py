@@ -18,10 +18,11 @@ from torch import nn
 import qatgraph
 from qatgraph.backends import onnx as onnx_backend
 from qatgraph.backends.onnx import export_onnx
-from qatgraph.backends.onnxruntime import OrtRunner, check_parity
+from qatgraph.backends.onnxruntime import OrtRunner
+from qatgraph.backends.parity import check_parity
 from qatgraph.errors import ExportError
 from qatgraph.passes.materialize import quantizer_nodes
-from qatgraph.quantizer import iter_quantizers
+from qatgraph.quant.quantizer import iter_quantizers
 
 WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 

@@ -10,10 +10,11 @@ from torch import nn
 
 import qatgraph
 from qatgraph.backends.onnx import export_onnx
-from qatgraph.backends.onnxruntime import OrtRunner, ParityReport, check_parity
+from qatgraph.backends.onnxruntime import OrtRunner
+from qatgraph.backends.parity import ParityReport, check_parity
 from qatgraph.errors import ExportError, QatgraphError
 from qatgraph.policy import QuantSpec
-from qatgraph.quantizer import FakeQuantizer, iter_quantizers
+from qatgraph.quant.quantizer import FakeQuantizer, iter_quantizers
 
 
 def compile_calibrated(factory, shape, policy="tensorrt", seed=0):

@@ -21,9 +21,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qatgraph.backends import tensorrt as trt_backend
 from qatgraph.backends import tensorrt_runner
-from qatgraph.backends.tensorrt import (EngineBuildConfig, EngineInfo, build_engine,
-                                        compare_with_onnxruntime, tensorrt_available,
-                                        trtexec_command)
+from qatgraph.backends.tensorrt import (
+    EngineBuildConfig,
+    EngineInfo,
+    build_engine,
+    compare_with_onnxruntime,
+    tensorrt_available,
+    trtexec_command,
+)
 from qatgraph.errors import BackendUnavailableError, ExportError
 
 TRT_OK, TRT_REASON = tensorrt_available()  # tests marked `tensorrt` skip with this reason

@@ -23,12 +23,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import resnet18_like
-from qatgraph.passes import freeze as freeze_pass
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import qatgraph
-from qatgraph.finetune import finetune
+from qatgraph.passes import freeze as freeze_pass
+from qatgraph.train.finetune import finetune
 
 NEVER = 10**9  # refresh interval that never triggers within a test
 

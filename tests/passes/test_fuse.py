@@ -10,7 +10,7 @@ from models import BLOCKS, randomize_batchnorm, resnet18_like
 from torch import nn
 
 import qatgraph
-from qatgraph.folding import fold_graph_batchnorm
+from qatgraph.graph.folding import fold_graph_batchnorm
 
 BN_BLOCKS = ["conv_bn_relu_stack", "basic_identity", "basic_downsample", "bottleneck_downsample",
              "inverted_residual", "depthwise_separable", "inception", "linear_head"]

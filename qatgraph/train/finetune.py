@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import _to_device, model_device
-from .errors import QatgraphError
-from .progress import progress
-from .quantizer import FakeQuantizer
+from qatgraph.errors import QatgraphError
+from qatgraph.progress import progress
+from qatgraph.quant.calibrate import _to_device, model_device
+from qatgraph.quant.quantizer import FakeQuantizer
 
 
 def recipe(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int | None = None,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .policy import QuantSpec
+from qatgraph.policy import QuantSpec
 
 OP_KEY = "qatgraph.op"
 TENSOR_KEY = "qatgraph.tensor"

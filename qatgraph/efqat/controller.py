@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .policy import FreezeConfig
-from .qmodules import CONV_TRANSPOSE_TYPES, QuantWeightMixin
+from qatgraph.policy import FreezeConfig
+from qatgraph.quant.qmodules import CONV_TRANSPOSE_TYPES, QuantWeightMixin
 
 log = logging.getLogger(__name__)
 

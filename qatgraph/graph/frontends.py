@@ -44,7 +44,8 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
+from qatgraph.errors import TraceError
+
 from .tracing import describe_failure
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def export_graph(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | No
     gm.meta["qatgraph_frontend"] = "torch.export"
     gm.meta["qatgraph_outputs"] = str(program.call_spec.out_spec)  # what the flat outputs were, for users
     modules = sum(node.op == "call_module" for node in graph.nodes)
-    log.info("qatgraph.frontends: exported %s with torch.export: %d module calls, %d other ops",
+    log.info("qatgraph.graph.frontends: exported %s with torch.export: %d module calls, %d other ops",
              type(model).__name__, modules, sum(node.op in ("call_function", "call_method") for node in graph.nodes))
     if check:
         _check_same_outputs(gm, model, program, args, kwargs)

@@ -15,9 +15,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph_ops import BATCHNORM_TYPES, node_module
-from .qmodules import CONV_TRANSPOSE_TYPES, op_kind
-from .quantizer import FakeQuantizer
+from qatgraph.quant.qmodules import CONV_TRANSPOSE_TYPES, op_kind
+from qatgraph.quant.quantizer import FakeQuantizer
+
+from .queries import BATCHNORM_TYPES, node_module
 
 log = logging.getLogger(__name__)
 

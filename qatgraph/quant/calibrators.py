@@ -25,8 +25,8 @@ result matches a histogram of all batches to within about a bin. Per channel (we
 usually one collect) percentile and mse keep the raw rows (channel axis first, rest flattened),
 so memory grows with each collect: not meant for activations.
 
-The histogram and KL numerics are in qatgraph/histograms.py, the mse error models and search in
-qatgraph/mse_search.py; their constants (NUM_BINS, MSE_GRID, ...) are importable from here too.
+The histogram and KL numerics are in qatgraph/quant/histograms.py, the mse error models and search in
+qatgraph/quant/mse_search.py; their constants (NUM_BINS, MSE_GRID, ...) are importable from here too.
 """
 from __future__ import annotations
 
@@ -37,14 +37,25 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .errors import CalibrationError, PolicyError, did_you_mean
+from qatgraph.errors import CalibrationError, PolicyError, did_you_mean
+from qatgraph.policy import QuantSpec
+
 from .histograms import NUM_BINS as NUM_BINS
-from .histograms import _Histogram, _histogram_quantile, _kl_threshold_bin, _rows_quantile
+from .histograms import (
+    _Histogram,
+    _histogram_quantile,
+    _kl_threshold_bin,
+    _rows_quantile,
+)
 from .mse_search import MSE_GRID as MSE_GRID
 from .mse_search import MSE_LOWEST_FRACTION as MSE_LOWEST_FRACTION
 from .mse_search import ErrorOfRange as ErrorOfRange
-from .mse_search import _clip_and_noise_error, _fake_quant_error, _mse_asymmetric, _mse_symmetric
-from .policy import QuantSpec
+from .mse_search import (
+    _clip_and_noise_error,
+    _fake_quant_error,
+    _mse_asymmetric,
+    _mse_symmetric,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -10,21 +10,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import fx, nn
 
+from qatgraph.errors import SensitivityError, did_you_mean, listing
+from qatgraph.graph.annotations import RESIDUAL_KEY
+from qatgraph.info import CompileInfo
 from qatgraph.passes.materialize import QUANTIZER_KEY
-
-from .annotations import RESIDUAL_KEY
-from .errors import SensitivityError, did_you_mean, listing
-from .info import CompileInfo
-from .quantizer import FakeQuantizer, iter_quantizers
-from .sensitivity_report import SensitivityReport
+from qatgraph.quant.quantizer import FakeQuantizer, iter_quantizers
 
 log = logging.getLogger(__name__)
 
 Metric = Callable[[nn.Module], float]
-__all__ = ["LayerQuantizers", "apply_skip", "layer_quantizers"]
+__all__ = ["LayerQuantizers", "RankedLayers", "apply_skip", "layer_quantizers"]
+
+
+class RankedLayers(Protocol):
+    """What skipping reads of a sensitivity ranking (a :class:`~.report.SensitivityReport` has it)."""
+
+    mode: str
+    ranking: list[str]
+    scores: dict[str, float | None]
 
 
 # ------------------------------------------------------------------------------------- quantizer sets
@@ -127,7 +134,7 @@ class _Probe:
 
 # ------------------------------------------------------------------------------------- data and outputs
 
-def apply_skip(qmodel: nn.Module, skip: Iterable[str], *, report: SensitivityReport | None = None) -> list[str]:
+def apply_skip(qmodel: nn.Module, skip: Iterable[str], *, report: RankedLayers | None = None) -> list[str]:
     """Leave the ``skip`` layers in floating point: disable their weight quantizers and the input and
     residual quantizers no still-quantized layer needs; record it in ``qmodel.qatgraph_info`` (and
     its policy's skip list). Returns the skip list; ``Policy(skip=...)`` reproduces it in a fresh
@@ -154,7 +161,7 @@ def apply_skip(qmodel: nn.Module, skip: Iterable[str], *, report: SensitivityRep
     return skip
 
 
-def _why(report: SensitivityReport | None, layer: str) -> str:
+def _why(report: RankedLayers | None, layer: str) -> str:
     if report is None or layer not in report.ranking:
         return "requested skip list"
     score = report.scores.get(layer)

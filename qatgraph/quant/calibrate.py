@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CalibrationError
-from .progress import progress
+from qatgraph.errors import CalibrationError
+from qatgraph.progress import progress
+
 from .quantizer import FakeQuantizer, iter_quantizers
 
 log = logging.getLogger(__name__)

@@ -16,14 +16,14 @@ same bits (tests/test_quantizer.py):
 
 Deviation from ATen kept on purpose in both: a NaN input stays NaN (ATen outputs ``qmin``), with
 gradient 0. The kernel runs only for eager float32 on the CPU (CUDA keeps ATen's fused kernel).
-The torch-op form is also the "mask" form of compiled graphs (``qatgraph.quantizer``), on any
+The torch-op form is also the "mask" form of compiled graphs (``qatgraph.quant.quantizer``), on any
 device: Dynamo traces this autograd function, forward and backward, and Inductor fuses it.
 """
 from __future__ import annotations
 
 import torch
 
-from .kernels import fake_quant_cpu_ext
+from qatgraph.kernels import fake_quant_cpu_ext
 
 
 def broadcast_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The mse calibrator's search (see qatgraph/calibrators.py): error models and the range search.
+"""The mse calibrator's search (see qatgraph/quant/calibrators.py): error models and the range search.
 
 An error model (:data:`ErrorOfRange`) maps candidate ranges ``(low, high)`` of shape (C, K) to the
 squared error of quantizing with each, under the spec's qmin/qmax:
@@ -10,7 +10,7 @@ squared error of quantizing with each, under the spec's qmin/qmax:
 :func:`_mse_symmetric` and :func:`_mse_asymmetric` minimize an error model with a coarse-then-fine
 search over the fraction of the observed range kept (``MSE_GRID`` points per stage, never below
 ``MSE_LOWEST_FRACTION``). Internal to the calibrators (hence the leading underscores);
-``qatgraph.calibrators`` imports them and re-exports the constants and ``ErrorOfRange``.
+``qatgraph.quant.calibrators`` imports them and re-exports the constants and ``ErrorOfRange``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .policy import QuantSpec
+from qatgraph.policy import QuantSpec
 
 MSE_GRID = 33                 # points per stage of the coarse-then-fine mse search
 MSE_LOWEST_FRACTION = 0.01    # mse never clips below 1% of the observed range

@@ -10,7 +10,7 @@ learnable), plus ``enabled`` and ``calibrated`` flags, so everything survives ``
 
 Equivalent implementations of the fake-quant, picked per call:
 
-* eager float32: qatgraph's CPU kernel (:mod:`qatgraph.fake_quant_cpu`) or ATen's fused CUDA kernel;
+* eager float32: qatgraph's CPU kernel (:mod:`qatgraph.ops.fake_quant_cpu`) or ATen's fused CUDA kernel;
 * under ``torch.compile``, per-tensor quantizers: plain tensor arithmetic wrapped in an autograd
   function whose backward reads a saved one-byte mask (``compiled_form="mask"``, exactly ATen's
   gradient), or :func:`fake_quantize_reference` (``compiled_form="clip"``), whose gradient
@@ -27,10 +27,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from qatgraph.errors import CalibrationError, NotCalibratedError
+from qatgraph.ops.fake_quant_cpu import broadcast_qparams, fake_quantize_cpu
+from qatgraph.policy import QuantSpec
+
 from .calibrators import Calibrator, make_calibrator
-from .errors import CalibrationError, NotCalibratedError
-from .fake_quant_cpu import broadcast_qparams, fake_quantize_cpu
-from .policy import QuantSpec
 
 _MIN_AMAX = 1e-8  # an all-zero tensor still gets a valid (positive) scale
 

@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .policy import QuantSpec
+from qatgraph.policy import QuantSpec
+
 from .quantizer import FakeQuantizer
 
 
 class QuantWeightMixin:
     """Shared behaviour of quantized weighted layers.
 
-    ``trainable_rows`` (set by the EfQAT freeze pass, qatgraph/efqat.py) is an int64 tensor of
+    ``trainable_rows`` (set by the EfQAT freeze pass, qatgraph/efqat/controller.py) is an int64 tensor of
     the output rows that get a weight gradient; the forward then goes through the
     ``qatgraph::masked_*`` custom ops, whose backward computes the weight gradient of those rows
     only. ``None`` (the default) is ordinary QAT.
@@ -47,7 +48,7 @@ class _QuantConvMixin(QuantWeightMixin):
         x, weight = self._quantize_input(x), self.quantized_weight()
         if not self._partial_weight_grad():
             return self._conv_forward(x, weight, self.bias)
-        from .partial_grad import masked_conv
+        from qatgraph.ops.partial_grad import masked_conv
 
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -97,7 +98,7 @@ class QuantLinear(QuantWeightMixin, nn.Linear):
         x, weight = self._quantize_input(x), self.quantized_weight()
         if not self._partial_weight_grad():
             return F.linear(x, weight, self.bias)
-        from .partial_grad import masked_linear
+        from qatgraph.ops.partial_grad import masked_linear
 
         return masked_linear(x, weight, self.bias, self.trainable_rows)
 

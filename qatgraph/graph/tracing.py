@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
-from .policy import Policy
-from .qmodules import op_kind
+from qatgraph.errors import TraceError
+from qatgraph.policy import Policy
+from qatgraph.quant.qmodules import op_kind
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _suggest_fix(message: str, type_name: str) -> str:
     if "co_varnames" in message:  # a decorator's (*args, **kwargs) wrapper hides forward's signature
         return ("forward is wrapped by a decorator taking (*args, **kwargs) (e.g. Hugging Face's @can_return_tuple), "
                 "which torch.fx cannot call with placeholders; build the graph with "
-                "qatgraph.frontends.export_graph (torch.export) and compile that, or " + leaf)
+                "qatgraph.graph.frontends.export_graph (torch.export) and compile that, or " + leaf)
     if "control flow" in message:
         return ("the forward branches on tensor values; make the branch static with policy tracing.concrete_args, "
                 "compute it with torch.where, or " + leaf)

@@ -48,20 +48,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import model_device, run_batch
-from .errors import SensitivityError, did_you_mean
-from .layer_quantizers import (
-    LayerQuantizers,
-    Metric,
-    _compile_info,
-    _Probe,
-    apply_skip,
-    layer_quantizers,
-)
-from .policy import SensitivityConfig
-from .progress import progress
-from .quantizer import FakeQuantizer, iter_quantizers
-from .sensitivity_data import (
+from qatgraph.errors import SensitivityError, did_you_mean
+from qatgraph.policy import SensitivityConfig
+from qatgraph.progress import progress
+from qatgraph.quant.calibrate import model_device, run_batch
+from qatgraph.quant.quantizer import FakeQuantizer, iter_quantizers
+
+from .data import (
+    ResultLog,
     _batch_size,
     _evaluate,
     _flat_output,
@@ -73,7 +67,16 @@ from .sensitivity_data import (
     _result_log,
     _sqnr_db,
 )
-from .sensitivity_report import ResultLog, SensitivityReport, SkipRecommendation
+from .probes import (
+    LayerQuantizers,
+    Metric,
+    _compile_info,
+    _Probe,
+    apply_skip,
+    layer_quantizers,
+)
+from .recommend import SkipRecommendation, recommend_skip
+from .report import SensitivityReport
 
 log = logging.getLogger(__name__)
 
@@ -287,42 +290,6 @@ def _own_quantizers_off(module: nn.Module):
 
 
 # ------------------------------------------------------------------------------------- skip selection
-def recommend_skip(report: SensitivityReport, qmodel: nn.Module, metric: Metric, max_drop: float = 0.01,
-                   max_skipped: int | None = None) -> SkipRecommendation:
-    """Greedy: skip layers in ``report.ranking`` order, re-evaluating ``metric`` after each, until
-    ``metric >= metric_fp - max_drop`` or ``max_skipped`` layers are skipped. Restores the model."""
-    if max_skipped is not None and max_skipped < 0:
-        raise SensitivityError(f"max_skipped={max_skipped}: use a non-negative number of layers (or None)")
-    probe = _Probe(qmodel)
-    candidates = [layer for layer in report.ranking if layer in probe.layers]
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        probe.disable_all()
-        metric_fp = _evaluate(metric, qmodel, "the floating-point model")
-        probe.restore()
-        current = metric_int8 = _evaluate(metric, qmodel, "the fully quantized model")
-        skip: list[str] = []
-        steps: list[tuple[str, float]] = []
-        for layer in candidates:
-            if current >= metric_fp - max_drop or (max_skipped is not None and len(skip) >= max_skipped):
-                break
-            skip.append(layer)
-            probe.enable_all_but(skip)
-            current = _evaluate(metric, qmodel, f"the model with {skip} skipped")
-            steps.append((layer, current))
-    finally:
-        probe.restore()
-        qmodel.train(was_training)
-    recommendation = SkipRecommendation(skip=skip, metric_fp=metric_fp, metric_int8=metric_int8, metric_reached=current,
-                                        within_budget=current >= metric_fp - max_drop, steps=steps, max_drop=max_drop)
-    report.recommendation = recommendation
-    log.info("sensitivity: skipping %d layer(s) %s: metric %.4g -> %.4g (FP %.4g, budget %.4g)", len(skip), skip,
-             metric_int8, current, metric_fp, max_drop)
-    return recommendation
-
-
-
 def auto_skip(qmodel: nn.Module, data: Iterable[Any], config: SensitivityConfig | None = None,
               metric: Metric | None = None, *, input_fn: Callable[[Any], Any] | None = None,
               cache_dir: str | os.PathLike | None = None,

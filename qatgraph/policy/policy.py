@@ -17,7 +17,7 @@ Override precedence is name > regex/glob > type > global; among rules of one lev
 rule wins. Every rule must match at least one module of the model being compiled.
 
 The sections (:class:`QuantSpec`, :class:`LayerRule`, :class:`FreezeConfig`,
-:class:`SensitivityConfig`, :class:`TracingConfig`) are defined in qatgraph/policy_sections.py
+:class:`SensitivityConfig`, :class:`TracingConfig`) are defined in qatgraph/policy/sections.py
 and importable from here.
 """
 from __future__ import annotations
@@ -29,13 +29,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import PolicyError, did_you_mean, listing
-from .policy_sections import CALIBRATORS as CALIBRATORS
-from .policy_sections import FREEZE_MODES as FREEZE_MODES
-from .policy_sections import GRANULARITIES as GRANULARITIES
-from .policy_sections import CalibratorName as CalibratorName
-from .policy_sections import Granularity as Granularity
-from .policy_sections import (
+from qatgraph.errors import PolicyError, did_you_mean, listing
+
+from .presets import PRESETS
+from .sections import CALIBRATORS as CALIBRATORS
+from .sections import FREEZE_MODES as FREEZE_MODES
+from .sections import GRANULARITIES as GRANULARITIES
+from .sections import CalibratorName as CalibratorName
+from .sections import (
     FreezeConfig,
     LayerRule,
     QuantSpec,
@@ -45,7 +46,7 @@ from .policy_sections import (
     _check_spec_keys,
     _field_names,
 )
-from .presets import PRESETS
+from .sections import Granularity as Granularity
 
 TARGETS = ("tensorrt", "onnxruntime", "generic")
 BN_MODES = ("train", "fold")

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .qmodules import op_kind
+from qatgraph.quant.qmodules import op_kind
 
 # Ops whose activation inputs TensorRT wants quantized (rule 1), by node target.
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}

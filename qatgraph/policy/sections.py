@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import PolicyError, did_you_mean
+from qatgraph.errors import PolicyError, did_you_mean
 
 Granularity = Literal["per_tensor", "per_channel"]
 CalibratorName = Literal["max", "percentile", "entropy", "mse"]
@@ -161,7 +161,7 @@ class FreezeConfig:
 
 @dataclass
 class SensitivityConfig:
-    """Automatic skip-list selection when ``compile`` is given data (see qatgraph/sensitivity_analysis.py)."""
+    """Automatic skip-list selection when ``compile`` is given data (see qatgraph/sensitivity_analysis/scores.py)."""
 
     mode: Literal["fast", "full"] = "fast"
     num_samples: int = 256

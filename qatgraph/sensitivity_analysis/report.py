@@ -6,8 +6,8 @@ every number measured for it, the baselines, and the skip recommendation once
 ``sensitivity.md`` (ranked table and what the score means) and a self-contained
 ``sensitivity.html`` (a bar chart embedded as a base64 PNG, skipped layers in another colour,
 plus the table). Each file is written to a temporary name, fsynced and renamed, so a reader never
-sees half a file. :class:`ResultLog` is the resumable side: finished per-layer results appended
-to a JSON-lines file as they are computed. The numbers are computed in ``qatgraph/sensitivity_analysis.py``.
+sees half a file. The numbers are computed in :mod:`qatgraph.sensitivity_analysis.scores`; the skip
+recommendation is :mod:`qatgraph.sensitivity_analysis.recommend`'s.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SensitivityError
+from qatgraph.errors import SensitivityError
+
+from .recommend import SkipRecommendation, recommend_skip
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +54,6 @@ EXPLANATIONS = {
 
 
 @dataclass
-class SkipRecommendation:
-    """The greedy skip selection: layers to leave in floating point and the metric after each skip."""
-
-    skip: list[str]
-    metric_fp: float
-    metric_int8: float
-    metric_reached: float
-    within_budget: bool
-    steps: list[tuple[str, float]]
-    max_drop: float = 0.01
-
-    def apply(self, qmodel: Any, report: SensitivityReport | None = None) -> list[str]:
-        """Disable the recommended layers' quantizers in ``qmodel`` (see ``qatgraph.apply_skip``)."""
-        from .sensitivity_analysis import apply_skip
-
-        return apply_skip(qmodel, self.skip, report=report)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"skip": list(self.skip), "metric_fp": self.metric_fp, "metric_int8": self.metric_int8,
-                "metric_reached": self.metric_reached, "within_budget": self.within_budget,
-                "max_drop": self.max_drop, "steps": [[layer, value] for layer, value in self.steps]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SkipRecommendation:
-        return cls(skip=list(data["skip"]), metric_fp=data["metric_fp"], metric_int8=data["metric_int8"],
-                   metric_reached=data["metric_reached"], within_budget=data["within_budget"],
-                   steps=[(layer, value) for layer, value in data["steps"]], max_drop=data.get("max_drop", 0.01))
-
-
-@dataclass
 class SensitivityReport:
     """Per-layer sensitivity: ``ranking`` (most sensitive first), ``scores``, ``details``, ``baseline``."""
 
@@ -97,13 +69,11 @@ class SensitivityReport:
     # ----------------------------------------------------------------- skip selection
     def recommend_skip(self, metric: Callable[[Any], float], max_drop: float = 0.01,
                        max_skipped: int | None = None) -> SkipRecommendation:
-        """Greedy skip list on the analysed model (see ``qatgraph.sensitivity_analysis.recommend_skip``)."""
-        from .sensitivity_analysis import recommend_skip
-
+        """Greedy skip list on the analysed model (see :func:`qatgraph.recommend_skip`)."""
         model = self._model() if self._model is not None else None
         if model is None:
             raise SensitivityError("this report is not attached to a live model (it was loaded from a file, or the "
-                                   "model was deleted): call qatgraph.sensitivity_analysis.recommend_skip(report, qmodel, "
+                                   "model was deleted): call qatgraph.recommend_skip(report, qmodel, "
                                    "metric) with the model instead")
         return recommend_skip(self, model, metric, max_drop=max_drop, max_skipped=max_skipped)
 
@@ -218,7 +188,9 @@ class SensitivityReport:
 def _chart_png(ranking: list[str], scores: dict[str, float | None], skip: list[str], mode: str) -> str | None:
     """Horizontal bars, most sensitive on top, skipped layers in orange; base64 PNG or None without matplotlib."""
     try:
-        from matplotlib.figure import Figure  # the OO API renders with Agg and never touches pyplot's backend
+        from matplotlib.figure import (
+            Figure,  # the OO API renders with Agg and never touches pyplot's backend
+        )
     except ImportError:
         return None
     layers = [layer for layer in ranking if scores.get(layer) is not None]
@@ -272,48 +244,3 @@ def _write_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-
-
-class ResultLog:
-    """Append-only JSON-lines log of finished results, ``(kind, key) -> value``, for resuming.
-
-    Each record is one line, flushed and fsynced before the next computation starts, so a crash
-    loses at most the record being written; a torn last line is ignored on reading. ``path=None``
-    keeps the results in memory only.
-    """
-
-    def __init__(self, path: str | os.PathLike | None) -> None:
-        self.path = None if path is None else Path(path)
-        self.records: dict[str, Any] = {}
-        self.hits = 0
-        if self.path is None or not self.path.exists():
-            return
-        text = self.path.read_text(encoding="utf-8")
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-                self.records[record["id"]] = record["value"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("sensitivity cache %s: ignoring a damaged line (an interrupted write)", self.path)
-        if text and not text.endswith("\n"):  # a crash mid-line: start the next record on a fresh line
-            self._append("\n")
-
-    def get_or_compute(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
-        """The logged value, or ``compute()``, logged before it is returned."""
-        record_id = f"{kind}:{key}"
-        if record_id in self.records:
-            self.hits += 1
-            return self.records[record_id]
-        value = compute()
-        self.records[record_id] = value
-        if self.path is not None:
-            self._append(json.dumps({"id": record_id, "value": value}) + "\n")
-        return value
-
-    def _append(self, text: str) -> None:
-        assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())

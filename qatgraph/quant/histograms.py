@@ -1,4 +1,4 @@
-"""Histogram numerics of the percentile, entropy and mse calibrators (qatgraph/calibrators.py).
+"""Histogram numerics of the percentile, entropy and mse calibrators (qatgraph/quant/calibrators.py).
 
 * :class:`_Histogram`: counts over a range [lo, hi] that always contains 0, ``NUM_BINS`` equal
   bins. When a batch falls outside the range, the range grows to fit and the old counts are
@@ -9,7 +9,7 @@
 * :func:`_kl_threshold_bin`: TensorRT's entropy (KL-divergence) threshold on a histogram of |x|,
   vectorized over all candidate thresholds.
 
-Internal to the calibrators (hence the leading underscores); ``qatgraph.calibrators`` imports
+Internal to the calibrators (hence the leading underscores); ``qatgraph.quant.calibrators`` imports
 them and re-exports ``NUM_BINS``.
 """
 from __future__ import annotations

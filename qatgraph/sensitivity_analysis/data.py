@@ -1,4 +1,6 @@
-"""Sensitivity analysis plumbing: sample batches, model outputs and errors, metrics, the cache key."""
+"""Sensitivity analysis plumbing: sample batches, model outputs and errors, metrics, the cache key, and
+:class:`ResultLog`, the resumable side (finished per-layer results appended to a JSON-lines file as
+they are computed)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,15 +9,15 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .calibrate import run_batch
-from .errors import SensitivityError
-from .info import CompileInfo
-from .sensitivity_report import ResultLog
+from qatgraph.errors import SensitivityError
+from qatgraph.info import CompileInfo
+from qatgraph.quant.calibrate import run_batch
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +148,48 @@ def _qualname(fn: Any) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- the analysis
+
+
+class ResultLog:
+    """Append-only JSON-lines log of finished results, ``(kind, key) -> value``, for resuming.
+
+    Each record is one line, flushed and fsynced before the next computation starts, so a crash
+    loses at most the record being written; a torn last line is ignored on reading. ``path=None``
+    keeps the results in memory only.
+    """
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.records: dict[str, Any] = {}
+        self.hits = 0
+        if self.path is None or not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8")
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+                self.records[record["id"]] = record["value"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("sensitivity cache %s: ignoring a damaged line (an interrupted write)", self.path)
+        if text and not text.endswith("\n"):  # a crash mid-line: start the next record on a fresh line
+            self._append("\n")
+
+    def get_or_compute(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
+        """The logged value, or ``compute()``, logged before it is returned."""
+        record_id = f"{kind}:{key}"
+        if record_id in self.records:
+            self.hits += 1
+            return self.records[record_id]
+        value = compute()
+        self.records[record_id] = value
+        if self.path is not None:
+            self._append(json.dumps({"id": record_id, "value": value}) + "\n")
+        return value
+
+    def _append(self, text: str) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())

@@ -1,0 +1,11 @@
+"""Room ``graph``: getting a torch.fx graph of the user's model, and reading it.
+
+* :mod:`.tracing` — torch.fx tracing with the partial-tracing fallback (``TraceReport``);
+* :mod:`.frontends` — the torch.export frontend (a module-level fx graph of what fx cannot trace);
+* :mod:`.annotations` — the node metadata passes write (what gets quantized, where);
+* :mod:`.queries` — small questions about nodes (which module, weighted kind, residual chains);
+* :mod:`.folding` — BatchNorm folding into the preceding weighted layer (compile and export).
+
+May import: :mod:`qatgraph.quant`, :mod:`qatgraph.policy`, :mod:`qatgraph.errors`. The passes
+(:mod:`qatgraph.passes`) build on this room, never the other way round.
+"""

@@ -1,0 +1,11 @@
+"""Room ``quant``: simulated quantization of one tensor or one layer, and calibration.
+
+* :mod:`.quantizer` — :class:`FakeQuantizer` (scale/zero-point buffers, STE fake-quant, LSQ);
+* :mod:`.calibrators`, :mod:`.histograms`, :mod:`.mse_search` — max / percentile / entropy / MSE
+  ranges from observed tensors;
+* :mod:`.qmodules` — quantized Conv/ConvTranspose/Linear classes swapped in place of torch's;
+* :mod:`.calibrate` — :func:`qatgraph.calibrate`: run data through a compiled model.
+
+May import: :mod:`qatgraph.policy`, :mod:`qatgraph.ops`, :mod:`qatgraph.errors`,
+:mod:`qatgraph.progress`. Knows nothing of graphs, passes or backends.
+"""
