@@ -16,6 +16,12 @@ would still move them, so a global optimizer post-step hook restores them (and t
 weight-scale entries) from a snapshot taken at each refresh — whatever loop and optimizer the
 user has. The snapshot is refreshed with the importance, every ``interval`` training samples,
 counted by a forward pre-hook on the model (a counter: nothing else runs between refreshes).
+
+Every tensor of that state is a non-persistent buffer of the layer it belongs to
+(``trainable_rows``, ``efqat_frozen_rows``, ``efqat_weight_snapshot``, ``efqat_scale_snapshot``):
+``.to(device)``, ``.cuda()``, ``.half()``, ``deepcopy`` and ``torch.compile`` see them like any
+buffer, and ``state_dict()`` leaves them out. Importance is ranked on the CPU (one small copy per
+layer at each refresh), so the selection is the same on every device and every rank.
 """
 from __future__ import annotations
 
@@ -38,26 +44,58 @@ _CONTROLLERS: weakref.WeakSet[FreezeController] = weakref.WeakSet()
 _GLOBAL_HOOK = None
 
 
+#: Non-persistent buffers the controller keeps on each layer it manages, so that ``.to()``,
+#: ``.cuda()``, ``.half()``, ``deepcopy`` and DDP's buffer handling move them with the model.
+FROZEN_ROWS = "efqat_frozen_rows"            # int64 output rows that never move (None: all train)
+WEIGHT_SNAPSHOT = "efqat_weight_snapshot"    # those rows' weights as of the last refresh
+SCALE_SNAPSHOT = "efqat_scale_snapshot"      # their learnable per-channel weight scales, if any
+STATE_BUFFERS = (FROZEN_ROWS, WEIGHT_SNAPSHOT, SCALE_SNAPSHOT)
+
+
+def set_state_buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Set a non-persistent buffer (registering it on first use): state that follows the module
+    everywhere but never enters ``state_dict()``."""
+    if name in module._buffers:
+        setattr(module, name, value)
+    else:
+        module.register_buffer(name, value, persistent=False)
+
+
 @dataclass
 class FrozenLayer:
+    """One layer under the controller. Its row selection lives in the module's buffers
+    (``trainable_rows`` for the masked ops, ``efqat_*`` for the frozen rows and their snapshots),
+    never here, so it moves wherever the model moves."""
+
     name: str
     module: nn.Module
     partial_ok: bool  # rows can be frozen individually (masked op supports the layer)
-    rows: torch.Tensor | None = None  # trainable rows; None = whole layer trains
-    frozen_rows: torch.Tensor | None = None
-    weight_snapshot: torch.Tensor | None = None
-    scale_snapshot: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
         return self.module.weight.shape[0]
 
+    @property
+    def frozen_rows(self) -> torch.Tensor | None:
+        return self.module._buffers.get(FROZEN_ROWS)
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """Trainable rows: ``None`` when the whole layer trains, empty when all of it is frozen."""
+        if self.frozen_rows is None:
+            return None
+        trainable = self.module._buffers.get("trainable_rows")
+        if trainable is not None:
+            return trainable
+        return torch.empty(0, dtype=torch.long, device=self.frozen_rows.device)
+
     def importance(self) -> torch.Tensor:
         weight = self.module.weight.detach()
-        return weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float()
+        return weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float().cpu()
 
     def describe(self) -> str:
-        trainable = self.num_rows if self.rows is None else int(self.rows.numel())
+        rows = self.rows
+        trainable = self.num_rows if rows is None else int(rows.numel())
         return f"{trainable}/{self.num_rows} rows train"
 
 
@@ -125,30 +163,31 @@ class FreezeController:
         module = layer.module
         device = module.weight.device
         scale = module.weight_quantizer.scale
+        learnable_scale = isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen
         if isinstance(selection, str):
-            module.trainable_rows = None
-            module.weight.requires_grad_(selection == "all")
-            if isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen:
-                scale.requires_grad_(selection == "all")  # an LSQ scale gradient would need the weight GEMM
-            rows = None if selection == "all" else torch.empty(0, dtype=torch.long)
+            trainable = None if selection == "all" else torch.empty(0, dtype=torch.long)
         else:
-            rows = selection.to(device=device, dtype=torch.long).sort().values
-            module.weight.requires_grad_(True)
-            if isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen:
-                scale.requires_grad_(True)
-            module.trainable_rows = None if rows.numel() == layer.num_rows else rows
-            if rows.numel() == layer.num_rows:
-                rows = None
-        layer.rows = rows
-        if rows is None:
-            layer.frozen_rows = layer.weight_snapshot = layer.scale_snapshot = None
+            trainable = selection.to(dtype=torch.long).sort().values
+            if trainable.numel() == layer.num_rows:
+                trainable = None
+        whole_layer_frozen = trainable is not None and trainable.numel() == 0
+        module.weight.requires_grad_(not whole_layer_frozen)  # LWPN: autograd skips the dW GEMM entirely
+        if learnable_scale:
+            scale.requires_grad_(not whole_layer_frozen)  # an LSQ scale gradient would need the weight GEMM
+        # Masked ops only for a partial selection; a whole frozen layer needs none.
+        module.trainable_rows = None if trainable is None or whole_layer_frozen else trainable.to(device)
+        if trainable is None:
+            for name in STATE_BUFFERS:
+                set_state_buffer(module, name, None)
             return
-        frozen = torch.ones(layer.num_rows, dtype=torch.bool, device=device)
-        frozen[rows] = False
-        layer.frozen_rows = frozen.nonzero().flatten()
-        layer.weight_snapshot = module.weight.detach().index_select(0, layer.frozen_rows).clone()
-        if isinstance(scale, nn.Parameter) and scale.numel() == layer.num_rows:
-            layer.scale_snapshot = scale.detach().index_select(0, layer.frozen_rows).clone()
+        frozen = torch.ones(layer.num_rows, dtype=torch.bool)
+        frozen[trainable] = False
+        frozen_rows = frozen.nonzero().flatten().to(device)
+        set_state_buffer(module, FROZEN_ROWS, frozen_rows)
+        set_state_buffer(module, WEIGHT_SNAPSHOT, module.weight.detach().index_select(0, frozen_rows).clone())
+        per_row_scale = isinstance(scale, nn.Parameter) and scale.numel() == layer.num_rows
+        set_state_buffer(module, SCALE_SNAPSHOT,
+                         scale.detach().index_select(0, frozen_rows).clone() if per_row_scale else None)
 
     # --------------------------------------------------------------- hooks
     def attach(self, model: nn.Module) -> None:
@@ -168,14 +207,16 @@ class FreezeController:
         """Put frozen rows back exactly as they were (called after every optimizer step)."""
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for layer in self.layers:
-            if layer.frozen_rows is None or layer.frozen_rows.numel() == 0:
-                continue
             module = layer.module
+            frozen_rows = module._buffers.get(FROZEN_ROWS)
+            if frozen_rows is None or frozen_rows.numel() == 0:
+                continue
             if id(module.weight) in params:
-                module.weight.index_copy_(0, layer.frozen_rows, layer.weight_snapshot)
+                module.weight.index_copy_(0, frozen_rows, module._buffers[WEIGHT_SNAPSHOT])
+            scale_snapshot = module._buffers.get(SCALE_SNAPSHOT)
             scale = module.weight_quantizer.scale
-            if layer.scale_snapshot is not None and id(scale) in params:
-                scale.index_copy_(0, layer.frozen_rows, layer.scale_snapshot)
+            if scale_snapshot is not None and id(scale) in params:
+                scale.index_copy_(0, frozen_rows, scale_snapshot)
 
     # --------------------------------------------------------------- reporting
     @property
@@ -184,7 +225,7 @@ class FreezeController:
 
     @property
     def trainable_rows(self) -> int:
-        return sum(layer.num_rows if layer.rows is None else int(layer.rows.numel()) for layer in self.layers)
+        return sum(_count_rows(layer) for layer in self.layers)
 
     def describe(self) -> dict[str, str]:
         return {layer.name: layer.describe() for layer in self.layers}
@@ -212,8 +253,14 @@ class FreezeController:
             scale = module.weight_quantizer.scale
             if isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen:
                 scale.requires_grad_(True)
-            layer.rows = layer.frozen_rows = layer.weight_snapshot = layer.scale_snapshot = None
+            for name in STATE_BUFFERS:
+                set_state_buffer(module, name, None)
         _CONTROLLERS.discard(self)
+
+
+def _count_rows(layer: FrozenLayer) -> int:
+    rows = layer.rows
+    return layer.num_rows if rows is None else int(rows.numel())
 
 
 def _supports_partial(module: nn.Module) -> bool:

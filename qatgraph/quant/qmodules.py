@@ -21,16 +21,16 @@ from .quantizer import FakeQuantizer
 class QuantWeightMixin:
     """Shared behaviour of quantized weighted layers.
 
-    ``trainable_rows`` (set by the EfQAT freeze pass, qatgraph/efqat/controller.py) is an int64 tensor of
-    the output rows that get a weight gradient; the forward then goes through the
-    ``qatgraph::masked_*`` custom ops, whose backward computes the weight gradient of those rows
-    only. ``None`` (the default) is ordinary QAT.
+    ``trainable_rows`` (a non-persistent buffer, set by the EfQAT controller in
+    qatgraph/efqat/controller.py) is an int64 tensor of the output rows that get a weight gradient;
+    the forward then goes through the ``qatgraph::masked_*`` ops, whose backward computes the
+    weight gradient of those rows only. ``None`` (the default) is ordinary QAT. Being a buffer, it
+    moves with ``.to()`` / ``.cuda()`` like the weight it indexes.
     """
 
     weight: nn.Parameter
     weight_quantizer: FakeQuantizer
     input_quantizer: FakeQuantizer | None
-    trainable_rows: torch.Tensor | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
@@ -39,8 +39,8 @@ class QuantWeightMixin:
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
     def _partial_weight_grad(self) -> bool:
-        return self.trainable_rows is not None and self.training and torch.is_grad_enabled() and \
-            self.weight.requires_grad
+        return self._buffers.get("trainable_rows") is not None and self.training and \
+            torch.is_grad_enabled() and self.weight.requires_grad
 
 
 class _QuantConvMixin(QuantWeightMixin):
@@ -153,6 +153,7 @@ def quantize_module(module: nn.Module, weight_spec: QuantSpec, name: str,
     module.__class__ = quant_class
     module.weight_quantizer = quantizer
     module.input_quantizer = None
+    module.register_buffer("trainable_rows", None, persistent=False)
     if input_spec is not None:
         module.input_quantizer = FakeQuantizer(input_spec, name=f"{name}.input_quantizer").to(weight.device)
     return module
