@@ -8,16 +8,21 @@ learnable), plus ``enabled`` and ``calibrated`` flags, so everything survives ``
 * enabled: fake-quantizes with a straight-through estimator (gradient 1 inside the range, 0 outside);
 * disabled: identity (a layer left in floating point, or a sensitivity probe).
 
-Equivalent implementations of the fake-quant, picked per call:
+Equivalent implementations of the fake-quant, picked per call (same integers, same gradient):
 
-* eager float32: qatgraph's CPU kernel (:mod:`qatgraph.ops.fake_quant_cpu`) or ATen's fused CUDA kernel;
+* eager, CUDA, fp32/bf16/fp16: one fused kernel per direction (:mod:`qatgraph.ops.fake_quant_cuda`:
+  Triton, or ATen's cachemask kernels where they measured faster), computed in fp32 registers and
+  returned in the input's dtype, with no upcast copy of the activation; learnable scales too;
+* eager, CPU, float32: qatgraph's CPU kernel (:mod:`qatgraph.ops.fake_quant_cpu`);
 * under ``torch.compile``, per-tensor quantizers: plain tensor arithmetic wrapped in an autograd
   function whose backward reads a saved one-byte mask (``compiled_form="mask"``, exactly ATen's
   gradient), or :func:`fake_quantize_reference` (``compiled_form="clip"``), whose gradient
   Inductor derives from ``minimum``/``maximum`` clips. Both fuse into neighbouring kernels; which
   is cheaper depends on the producer of the tensor (see ``COMPILED_FORMS``);
-* per-channel weights, learnable scales (LSQ gradients) and fp16/bf16 inputs (computed in
-  float32): :func:`fake_quantize_reference`.
+* everything else (per-channel weights when compiled, learnable scales on the CPU, CPU
+  fp16/bf16/fp64 inputs, computed in float32): :func:`fake_quantize_reference`.
+
+Low-precision semantics, the same on every path: ``fake_quantize(x.float()).to(x.dtype)``.
 """
 from __future__ import annotations
 
@@ -29,6 +34,12 @@ from torch import nn
 
 from qatgraph.errors import CalibrationError, NotCalibratedError
 from qatgraph.ops.fake_quant_cpu import broadcast_qparams, fake_quantize_cpu
+from qatgraph.ops.fake_quant_cuda import SUPPORTED_DTYPES as CUDA_DTYPES
+from qatgraph.ops.fake_quant_cuda import (
+    fake_quantize_cuda,
+    fake_quantize_learnable_cuda,
+    learnable_kernel_available,
+)
 from qatgraph.policy import QuantSpec
 
 from .calibrators import Calibrator, make_calibrator
@@ -271,22 +282,25 @@ class FakeQuantizer(nn.Module):
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.scale, self.zero_point
+        compiling = torch.compiler.is_compiling()
         if self.spec.learnable_scale:
             numel = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
             scale = _grad_scaled(scale, 1.0 / math.sqrt(max(numel, 1) * max(self.qmax, 1)))
+            if x.is_cuda and not compiling and x.dtype in CUDA_DTYPES and learnable_kernel_available():
+                return fake_quantize_learnable_cuda(x, scale, zero_point, self.qmin, self.qmax, self.axis)
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
-        if torch.compiler.is_compiling() and self.axis is None and self.compiled_form == "mask":
-            # The torch-op form of the eager CPU autograd function (saved bool mask, ATen's exact
-            # gradient): Dynamo traces its forward and backward, so Inductor fuses them like plain ops.
-            return fake_quantize_cpu(x.float(), scale, zero_point, self.qmin, self.qmax, None,
-                                     use_kernel=False).to(x.dtype)
-        if x.dtype != torch.float32 or torch.compiler.is_compiling():
+        if compiling:
+            if self.axis is None and self.compiled_form == "mask":
+                # The torch-op form of the eager CPU autograd function (saved bool mask, ATen's exact
+                # gradient): Dynamo traces its forward and backward, so Inductor fuses them like plain ops.
+                return fake_quantize_cpu(x.float(), scale, zero_point, self.qmin, self.qmax, None,
+                                         use_kernel=False).to(x.dtype)
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
-        if x.device.type == "cpu":
+        if x.is_cuda and x.dtype in CUDA_DTYPES:
+            return fake_quantize_cuda(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+        if x.device.type == "cpu" and x.dtype == torch.float32:
             return fake_quantize_cpu(x, scale, zero_point, self.qmin, self.qmax, self.axis)
-        if self.axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.qmin, self.qmax)
-        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, self.axis, self.qmin, self.qmax)
+        return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
 
     def extra_repr(self) -> str:
         spec = self.spec
