@@ -165,21 +165,23 @@ def _propagate_shapes(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModu
     hooks = [region.register_forward_pre_hook(
         lambda _m, args, _name=name: captured.setdefault(_name, args)) for name, region in regions]
     was_training = root.training
+    root.eval()  # eval for both runs: batch-1 inputs must not trip BatchNorm, nor move its running statistics
     try:
-        root.eval()
-        with torch.no_grad():
-            root(*example_args)
-    except Exception as exc:
-        raise QatgraphError(f"running the model on example_inputs failed before quantization: {exc}. "
-                            "Pass example_inputs that the model's forward accepts (a tensor or a tuple).") from exc
-    finally:
-        for hook in hooks:
-            hook.remove()
-        root.train(was_training)
-    for name, region in regions:
-        if name in captured:
+        try:
             with torch.no_grad():
-                _ShapeProp(region).propagate(*captured[name])
+                root(*example_args)
+        except Exception as exc:
+            raise QatgraphError(f"running the model on example_inputs failed before quantization: {exc}. "
+                                "Pass example_inputs that the model's forward accepts (a tensor or a tuple).") from exc
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name, region in regions:
+            if name in captured:
+                with torch.no_grad():
+                    _ShapeProp(region).propagate(*captured[name])
+    finally:
+        root.train(was_training)
 
 
 class _ShapeProp(ShapeProp):

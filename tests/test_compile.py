@@ -197,3 +197,17 @@ def test_compiled_model_moves_and_trains_in_double():
     out = qmodel(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     assert out.dtype == torch.float64
     out.sum().backward()
+
+
+def test_compile_in_train_mode_leaves_batchnorm_statistics_alone_and_takes_batch_one():
+    """Shape propagation runs the example inputs in eval mode: a batch of one is fine and BatchNorm's
+    running statistics stay those of the original model."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 32), nn.BatchNorm1d(32)).train()
+    qmodel = qatgraph.compile(model, "tensorrt", example_inputs=(torch.randn(1, 3, 8, 8) * 5 + 3,))
+    assert qmodel.training
+    for name in ("1", "6"):
+        original, compiled = model.get_submodule(name), qmodel.get_submodule(name)
+        assert torch.equal(original.running_mean, compiled.running_mean), name
+        assert torch.equal(original.running_var, compiled.running_var), name
+        assert int(compiled.num_batches_tracked) == 0, name
