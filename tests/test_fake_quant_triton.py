@@ -205,11 +205,15 @@ def check_learnable_scale_gradients_match_the_reference(ops, dtype, axis, fmt):
 
 
 def check_backend_env_switch(ops, monkeypatch):
-    monkeypatch.setenv("QATGRAPH_CUDA_FAKE_QUANT", "aten")
-    assert ops.backend_for(torch.bfloat16) == "aten"
-    monkeypatch.setenv("QATGRAPH_CUDA_FAKE_QUANT", "nonsense")
     from qatgraph.errors import QatgraphError
 
+    monkeypatch.setattr(ops, "_FORCED", ops._UNSET)
+    monkeypatch.setenv("QATGRAPH_CUDA_FAKE_QUANT", "aten")
+    assert ops.backend_for(torch.bfloat16) == "aten"
+    ops.force_backend(None)
+    assert ops.backend_for(torch.bfloat16) == ops.PREFERRED[torch.bfloat16]
+    monkeypatch.setattr(ops, "_FORCED", ops._UNSET)
+    monkeypatch.setenv("QATGRAPH_CUDA_FAKE_QUANT", "nonsense")
     with pytest.raises(QatgraphError, match="QATGRAPH_CUDA_FAKE_QUANT='nonsense'"):
         ops.backend_for(torch.float32)
 

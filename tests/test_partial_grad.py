@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from qatgraph.errors import QatgraphError
-from qatgraph.ops import partial_grad
+from qatgraph.ops import partial_wgrad
 from qatgraph.ops.partial_grad import (
     check_row_index,
     masked_conv,
@@ -209,7 +209,7 @@ class _ExactConvWork(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.qatgraph.conv_weight_grad_rows.default:
             with self:
-                return partial_grad._conv_wgrad_group_loop(*args)
+                return partial_wgrad._conv_wgrad_group_loop(*args)
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.convolution_backward.default:
             grad_out, weight, output_mask = args[0], args[2], args[10]
@@ -240,7 +240,7 @@ def test_group_loop_implementation_flops_match_its_formula():
     rows = torch.tensor([0, 1, 2, 5, 9, 10, 11, 15])
     args = ([16, 2, 3, 3], [1, 1], [1, 1], [1, 1], 4)
     with FlopCounterMode(display=False) as implementation:
-        compact = partial_grad._conv_wgrad_group_loop(grad_out, x, rows, *args)
+        compact = partial_wgrad._conv_wgrad_group_loop(grad_out, x, rows, *args)
     with FlopCounterMode(display=False) as formula:
         torch.ops.qatgraph.conv_weight_grad_rows(grad_out, x, rows, *args)
     assert implementation.get_total_flops() == formula.get_total_flops() > 0
@@ -281,14 +281,15 @@ def test_torch_compile_inductor_cpu():
 
 # ------------------------------------------------------------------------------------ autocast
 class _OpInputDtypes(TorchDispatchMode):
-    """Records the floating input dtypes that reach qatgraph::masked_linear."""
+    """Records the floating input dtypes that reach qatgraph::masked_linear (the compiled form) and
+    the GEMM inside the eager form (aten.addmm: bias, input, weight^T)."""
 
     def __init__(self):
         super().__init__()
         self.dtypes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.qatgraph.masked_linear.default:
+        if func in (torch.ops.qatgraph.masked_linear.default, torch.ops.aten.addmm.default):
             self.dtypes.append(tuple(a.dtype for a in args[:3]))
         return func(*args, **(kwargs or {}))
 
@@ -303,11 +304,15 @@ def test_autocast_cpu_follows_the_active_dtype(dtype):
         out_masked = masked_linear(*masked, rows)
         out_ref = F.linear(*reference)
     assert out_masked.dtype == out_ref.dtype == dtype
-    # The rule casts the inputs (differentiably, outside the op) and runs the op without autocast,
-    # so the op itself only ever sees the autocast dtype; that keeps its fake impl exact.
+    # Eager: the autograd function casts like autocast would and runs its GEMM in that dtype.
     with _OpInputDtypes() as seen, torch.autocast("cpu", dtype=dtype):
         masked_linear(*masked, rows)
     assert seen.dtypes == [(dtype, dtype, dtype)]
+    # Compiled form: the autocast rule casts the inputs (differentiably, outside the op) and runs the
+    # op without autocast, so the op itself only ever sees the autocast dtype (its fake impl stays exact).
+    with _OpInputDtypes() as seen, torch.autocast("cpu", dtype=dtype):
+        torch.ops.qatgraph.masked_linear(*masked, rows)
+    assert seen.dtypes[0] == (dtype, dtype, dtype)
     out_masked.float().sum().backward()
     out_ref.float().sum().backward()
     assert masked[1].grad.dtype == torch.float32  # grads land in the parameter dtype
@@ -373,3 +378,51 @@ def test_cuda_linear_and_conv_match_reference(dtype):
     x, weight = torch.randn(2, 8, 9, 9).cuda().to(dtype), torch.randn(8, 4, 3, 3).cuda().to(dtype)
     _compare(lambda xm, wm, bm, r: masked_conv(xm, wm, bm, r, 2, 1, 2, 2),
              lambda xr, wr, br: F.conv2d(xr, wr, br, 2, 1, 2, 2), x, weight, None, _rows(3, 8).cuda(), **tolerance)
+
+
+# ------------------------------------------------------------------------ weight-gradient strategies
+@pytest.fixture
+def strategy():
+    """Force a partial weight-gradient strategy for one test, then go back to measuring."""
+    yield partial_wgrad.force_strategy
+    partial_wgrad.force_strategy(None)
+
+
+@pytest.mark.parametrize("name", ["gather", "full"])
+def test_every_strategy_gives_the_masked_weight_gradient(strategy, name):
+    strategy(name)
+    torch.manual_seed(5)
+    x, weight, bias = torch.randn(3, 7, 12), torch.randn(9, 12), torch.randn(9)
+    _compare(masked_linear, F.linear, x, weight, bias, _rows(4, 9))
+    _check_conv((2, 8, 7, 7), (8, 2, 3, 3), [1, 2, 6], stride=2, padding=1, groups=4)
+    _check_conv((2, 6, 7, 7), (6, 6, 3, 3), 2, padding=1)
+
+
+def test_cpu_uses_gather_without_measuring(strategy):
+    strategy(None)
+    before = dict(partial_wgrad.chosen_strategies())
+    x = torch.randn(4, 8)
+    weight = torch.randn(6, 8, requires_grad=True)
+    masked_linear(x, weight, None, torch.tensor([1, 2])).sum().backward()
+    assert partial_wgrad.chosen_strategies() == before, "no timing on the CPU: FLOPs saved are what counts there"
+
+
+def test_unknown_strategy_is_rejected(monkeypatch):
+    monkeypatch.setattr(partial_wgrad, "_FORCED", partial_wgrad._UNSET)
+    monkeypatch.setenv("QATGRAPH_PARTIAL_WGRAD", "fastest")
+    with pytest.raises(QatgraphError, match="QATGRAPH_PARTIAL_WGRAD='fastest' is not one of auto, gather"):
+        partial_wgrad.forced_strategy()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_measured_choice_is_recorded_and_every_strategy_agrees(strategy, dtype):
+    torch.manual_seed(4)
+    tolerance = {"atol": 1e-2, "rtol": 1e-2} if dtype != torch.float32 else {"atol": 1e-3, "rtol": 1e-3}
+    x, weight, bias = (t.cuda().to(dtype) for t in (torch.randn(8, 512, 256), torch.randn(384, 256), torch.randn(384)))
+    rows = _rows(40, 384).cuda()
+    for name in (None, "gather", "full", "triton"):
+        strategy(name)
+        _compare(masked_linear, F.linear, x, weight, bias, rows, **tolerance)
+    assert any(key[0] == "linear" and key[2] == dtype for key in partial_wgrad.chosen_strategies())

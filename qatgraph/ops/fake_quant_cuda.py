@@ -9,7 +9,8 @@ backward keeps is a one-byte mask (fixed scales) or nothing but the input it alr
 (learnable scales, where the gradient is recomputed from ``x``).
 
 Two implementations, both fused, picked per dtype by :data:`PREFERRED` (measured, see
-BENCHMARKS.md) and overridable with ``QATGRAPH_CUDA_FAKE_QUANT=triton|aten``:
+BENCHMARKS.md) and overridable with ``QATGRAPH_CUDA_FAKE_QUANT=triton|aten`` (read once per process)
+or :func:`force_backend`:
 
 * ``triton``: :mod:`qatgraph.kernels.fake_quant_triton` (forward writes output + mask in one pass,
   backward reads gradient + mask in one pass; NaN stays NaN, as on the CPU);
@@ -45,15 +46,27 @@ def _kernels():
     return fake_quant_triton
 
 
-def backend_for(dtype: torch.dtype) -> Backend:
-    """The implementation ``dtype`` inputs use: ``QATGRAPH_CUDA_FAKE_QUANT`` if set, else :data:`PREFERRED`
-    (``aten`` when Triton is not importable)."""
-    chosen = os.environ.get("QATGRAPH_CUDA_FAKE_QUANT", "").strip().lower() or None
-    if chosen is not None and chosen not in BACKENDS:
-        raise QatgraphError(f"QATGRAPH_CUDA_FAKE_QUANT={chosen!r} is not one of {', '.join(BACKENDS)}; "
+_UNSET = object()
+_FORCED: object = _UNSET  # Backend, None (the table), or _UNSET (environment not read yet)
+
+
+def force_backend(backend: str | None, *, source: str = "force_backend") -> None:
+    """Use ``backend`` for every CUDA fake-quant from now on; ``None``: the measured table."""
+    global _FORCED
+    value = (backend or "").strip().lower() or None
+    if value is not None and value not in BACKENDS:
+        raise QatgraphError(f"{source}={backend!r} is not one of {', '.join(BACKENDS)}; "
                             "unset it to use the measured default per dtype")
-    backend = chosen or PREFERRED.get(dtype, "aten")
-    return backend if backend == "aten" or triton_available() else "aten"
+    _FORCED = value
+
+
+def backend_for(dtype: torch.dtype) -> Backend:
+    """The implementation ``dtype`` inputs use: :func:`force_backend` or ``QATGRAPH_CUDA_FAKE_QUANT``
+    (read once per process) if set, else :data:`PREFERRED` (``aten`` when Triton is not importable)."""
+    if _FORCED is _UNSET:
+        force_backend(os.environ.get("QATGRAPH_CUDA_FAKE_QUANT"), source="QATGRAPH_CUDA_FAKE_QUANT")
+    backend = _FORCED or PREFERRED.get(dtype, "aten")
+    return backend if backend == "aten" or triton_available() else "aten"  # type: ignore[return-value]
 
 
 def learnable_kernel_available() -> bool:
