@@ -410,3 +410,27 @@ def test_repr_says_what_the_quantizer_does() -> None:
     assert "int8 asymmetric per-tensor [0, 255]" in repr(quantizer) and "uncalibrated" in repr(quantizer)
     quantizer.set_range(torch.tensor(0.0), torch.tensor(2.55))
     assert "amax=" in repr(quantizer)
+
+
+@pytest.mark.parametrize("axis, shape", [(None, (6, 5, 3)), (0, (6, 5, 3)), (1, (4, 6, 3, 3))])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_max_tracking_equals_scale_zero_point_of_the_row_range(axis, shape, symmetric):
+    """The per-step weight-range tracking (fast path for symmetric formats) gives exactly the scale
+    and zero point scale_zero_point computes from each row's min and max."""
+    from qatgraph.policy import QuantSpec
+    from qatgraph.quant.quantizer import FakeQuantizer, scale_zero_point
+
+    spec = QuantSpec(bits=8, symmetric=symmetric, granularity="per_tensor" if axis is None else "per_channel",
+                     narrow_range=symmetric)
+    channels = None if axis is None else shape[axis]
+    quantizer = FakeQuantizer(spec, axis=axis, num_channels=channels, name="w", is_weight=True).train()
+    weight = torch.randn(shape) * torch.linspace(0.1, 2.0, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
+    weight[0] = 0.0  # an all-zero row gets the minimum scale, not zero
+    quantizer(weight)
+    rows = weight.reshape(1, -1) if axis is None else weight.transpose(0, axis).reshape(shape[axis], -1)
+    lo, hi = rows.amin(1), rows.amax(1)
+    if axis is None:
+        lo, hi = lo[0], hi[0]
+    scale, zero_point = scale_zero_point(lo, hi, spec)
+    assert torch.equal(quantizer.scale, scale.reshape(quantizer.scale.shape))
+    assert torch.equal(quantizer.zero_point, zero_point.reshape(quantizer.zero_point.shape).to(torch.int32))

@@ -270,12 +270,16 @@ class FakeQuantizer(nn.Module):
                 rows = detached.reshape(1, -1)
             else:
                 rows = detached.transpose(0, self.axis).reshape(detached.shape[self.axis], -1)
-            lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-            if self.axis is None:
-                lo, hi = lo[0], hi[0]
-            scale, zero_point = scale_zero_point(lo, hi, self.spec)
-            self.scale.copy_(scale.reshape(self.scale.shape))
-            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+            if self.spec.symmetric:
+                # One reduction and one division per step (this runs for every weight, every step):
+                # max |w| per row, as scale_zero_point computes it, written straight into the scale.
+                amax = torch.linalg.vector_norm(rows, ord=math.inf, dim=1).float().clamp_min_(_MIN_AMAX)
+                torch.div(amax.reshape(self.scale.shape), self.qmax, out=self.scale)
+            else:
+                lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+                scale, zero_point = scale_zero_point(lo, hi, self.spec)
+                self.scale.copy_(scale.reshape(self.scale.shape))
+                self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
             if not self._calibrated_flag:
                 self.calibrated.fill_(True)
                 self._calibrated_flag = True
