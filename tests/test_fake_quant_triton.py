@@ -355,3 +355,58 @@ def test_kernels_compile_for_hopper_with_ieee_division_and_round_half_even(dtype
     grad = {"grad_ptr": f"*{dtype}", "mask_ptr": "*i1", "out_ptr": f"*{dtype}", "numel": "i64", "BLOCK": "constexpr"}
     ptx = _compile_for_hopper(kernels._masked_grad_kernel, grad, {"BLOCK": 2048}, divisible=(0, 1, 2, 3))
     assert re.search(r"ld\.global(\.[a-z]+)*\.v4", ptx)
+
+
+class _SmallNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.conv2(y) + y)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["fixed", "lsq"])
+def check_quantized_model_through_the_fused_kernels_trains_like_the_cpu_path(ops, monkeypatch, learnable):
+    """A compiled model whose every fake-quant goes through the (interpreted) fused kernels gives the
+    CPU path's outputs and gradients: module shapes, per-channel weights, LSQ included."""
+    import copy
+
+    import qatgraph
+    from qatgraph.quant import quantizer as quantizer_module
+
+    policy = {"preset": "tensorrt", "min_channels": 0}
+    if learnable:
+        policy.update(weight={"learnable_scale": True}, activation={"learnable_scale": True})
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = qatgraph.compile(_SmallNet(), policy, example_inputs=(x,))
+    qatgraph.calibrate(qmodel, [x], show_progress=False)
+    fused = copy.deepcopy(qmodel).train()
+    qmodel.train()
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().mean().backward()
+        return out.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    expected, expected_grads = run(qmodel)
+    calls = []
+    real = ops.FakeQuantizeLearnableTriton if learnable else ops.FakeQuantizeTriton
+    monkeypatch.setattr(real, "apply", lambda *args, _apply=real.apply: calls.append(1) or _apply(*args))
+    monkeypatch.setattr(quantizer_module, "_fused_device", lambda tensor: True)
+    ops.force_backend("triton")
+    try:
+        actual, actual_grads = run(fused)
+    finally:
+        ops.force_backend(None)
+    assert len(calls) >= 6, "every quantizer (3 weights, at least 3 activations) went through the kernels"
+    assert torch.equal(actual, expected) if not learnable else torch.allclose(actual, expected, atol=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(actual_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

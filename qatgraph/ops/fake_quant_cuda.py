@@ -8,8 +8,7 @@ the input's dtype and memory layout, and no fp32 copy of an activation is ever m
 backward keeps is a one-byte mask (fixed scales) or nothing but the input it already needs
 (learnable scales, where the gradient is recomputed from ``x``).
 
-Two implementations, both fused, picked per dtype by :data:`PREFERRED` (measured, see
-BENCHMARKS.md) and overridable with ``QATGRAPH_CUDA_FAKE_QUANT=triton|aten`` (read once per process)
+Two implementations, both fused, picked per dtype by :data:`PREFERRED` and overridable with ``QATGRAPH_CUDA_FAKE_QUANT=triton|aten`` (read once per process)
 or :func:`force_backend`:
 
 * ``triton``: :mod:`qatgraph.kernels.fake_quant_triton` (forward writes output + mask in one pass,
@@ -33,8 +32,11 @@ from qatgraph.kernels import triton_available
 
 Backend = Literal["triton", "aten"]
 BACKENDS: tuple[Backend, ...] = ("triton", "aten")
-#: Which fused implementation each input dtype uses by default on CUDA (per-tensor activations;
-#: per-channel weights follow the same table).
+#: Which fused implementation each input dtype uses by default on CUDA (activations and weights).
+#: Not yet decided by a GPU measurement: fp32 keeps ATen's cachemask kernel (what qatgraph used
+#: before), bf16/fp16 take the Triton kernels (before: the unfused torch-op reference). The
+#: ``kernels`` and ``step`` sections of benchmarks/gpu_train.py time both side by side; set this
+#: table from their result.
 PREFERRED: dict[torch.dtype, Backend] = {torch.float32: "aten", torch.bfloat16: "triton", torch.float16: "triton"}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

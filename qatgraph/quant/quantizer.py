@@ -290,7 +290,7 @@ class FakeQuantizer(nn.Module):
         if self.spec.learnable_scale:
             numel = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
             scale = _grad_scaled(scale, 1.0 / math.sqrt(max(numel, 1) * max(self.qmax, 1)))
-            if x.is_cuda and not compiling and x.dtype in CUDA_DTYPES and learnable_kernel_available():
+            if _fused_device(x) and not compiling and x.dtype in CUDA_DTYPES and learnable_kernel_available():
                 return fake_quantize_learnable_cuda(x, scale, zero_point, self.qmin, self.qmax, self.axis)
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
         if compiling:
@@ -300,7 +300,7 @@ class FakeQuantizer(nn.Module):
                 return fake_quantize_cpu(x.float(), scale, zero_point, self.qmin, self.qmax, None,
                                          use_kernel=False).to(x.dtype)
             return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
-        if x.is_cuda and x.dtype in CUDA_DTYPES:
+        if _fused_device(x) and x.dtype in CUDA_DTYPES:
             return fake_quantize_cuda(x, scale, zero_point, self.qmin, self.qmax, self.axis)
         if x.device.type == "cpu" and x.dtype == torch.float32:
             return fake_quantize_cpu(x, scale, zero_point, self.qmin, self.qmax, self.axis)
@@ -314,6 +314,12 @@ class FakeQuantizer(nn.Module):
         calibrated = f"amax={self.amax().max().item():.4g}" if self.is_calibrated else "uncalibrated"
         learn = ", learnable" if spec.learnable_scale else ""
         return f"int{spec.bits} {sym} {kind} [{spec.qmin}, {spec.qmax}] {spec.calibrator}{learn}, {state}, {calibrated}"
+
+
+def _fused_device(x: torch.Tensor) -> bool:
+    """Whether eager fake-quant of ``x`` takes the fused CUDA kernels (a function, so the interpreted
+    kernel tests can route CPU tensors through them)."""
+    return x.is_cuda
 
 
 def _sync_flags(quantizer: FakeQuantizer, _incompatible_keys) -> None:
