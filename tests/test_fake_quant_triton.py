@@ -1,8 +1,7 @@
 """Tests for the fused CUDA fake-quant (qatgraph/kernels/fake_quant_triton.py, qatgraph/ops/fake_quant_cuda.py).
 
 On CPU the Triton kernels run under the interpreter: the ``check_*`` functions below run in a child
-pytest with ``TRITON_INTERPRET=1`` (it must be set before triton is imported; see
-tests/test_partial_wgrad_triton.py for why a child process). They drive the autograd functions on
+pytest with ``TRITON_INTERPRET=1`` (tests/interpreted.py says why a child process). They drive the autograd functions on
 CPU tensors and compare with :func:`qatgraph.quant.quantizer.fake_quantize_reference` (the fp32
 formula, cast back to the input dtype): outputs bit for bit, straight-through masks exactly, LSQ
 gradients to float rounding. Run them by hand with
@@ -13,15 +12,14 @@ The ``test_*`` CUDA tests run the compiled kernels (and ATen's, the other backen
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
+
+from interpreted import require_interpreter, run_checks_in_child  # noqa: E402
 
 from qatgraph.quant.quantizer import fake_quantize_reference
 
@@ -31,21 +29,13 @@ FORMATS = {  # (qmin, qmax, zero point): int8 symmetric, uint8 asymmetric, int4
 
 
 def test_kernel_checks_pass_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-               "-o", "python_functions=check_"]
-    child = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
-    report = child.stdout + child.stderr
-    assert child.returncode == 0, f"interpreted kernel checks failed:\n{report}"
-    passed = re.search(r"(\d+) passed", report)
-    assert passed and int(passed.group(1)) >= 40, f"too few checks ran:\n{report}"
+    run_checks_in_child(__file__, minimum=40)
 
 
 @pytest.fixture(scope="module")
 def ops():
     """qatgraph.ops.fake_quant_cuda with interpreted kernels (only inside the child process)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("check_* functions need TRITON_INTERPRET=1 (see the module docstring)")
+    require_interpreter()
     from qatgraph.kernels import fake_quant_triton
     from qatgraph.ops import fake_quant_cuda
 

@@ -1,11 +1,7 @@
 """Tests for the Triton partial weight-gradient kernel (qatgraph/kernels/partial_wgrad_triton.py).
 
-On CPU the kernel runs under the Triton interpreter. ``TRITON_INTERPRET=1`` must be set before
-triton itself is imported (``tl.zeros`` & co. are decorated at import time), and setting it in this
-process would also turn every later Triton kernel of the session (inductor on a GPU) into
-interpreted code. So the kernel checks are the ``check_*`` functions below, which the default
-collection ignores; ``test_kernel_checks_pass_under_interpreter`` runs them in a child pytest with
-``TRITON_INTERPRET=1`` and ``-o python_functions=check_``. Run them by hand the same way:
+On CPU the kernel runs under the Triton interpreter: the ``check_*`` functions below run in a child
+pytest with ``TRITON_INTERPRET=1`` (tests/interpreted.py says why). Run them by hand with
 
     TRITON_INTERPRET=1 python -m pytest tests/test_partial_wgrad_triton.py -o python_functions=check_
 
@@ -13,15 +9,12 @@ The ``test_*`` CUDA tests exercise the compiled kernel on a GPU.
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
+
+from interpreted import require_interpreter, run_checks_in_child  # noqa: E402
 
 from qatgraph.ops.partial_grad import partial_weight_grad_linear
 
@@ -30,21 +23,13 @@ SMALL_TILES = {"block_r": 16, "block_k": 16, "block_m": 16, "num_warps": 1, "num
 
 
 def test_kernel_checks_pass_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-               "-o", "python_functions=check_"]
-    child = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
-    report = child.stdout + child.stderr
-    assert child.returncode == 0, f"interpreted kernel checks failed:\n{report}"
-    passed = re.search(r"(\d+) passed", report)
-    assert passed and int(passed.group(1)) >= 10, f"too few checks ran:\n{report}"
+    run_checks_in_child(__file__, minimum=10)
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     """The kernel module, decorated for the interpreter (only inside the child process)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("check_* functions need TRITON_INTERPRET=1 (see the module docstring)")
+    require_interpreter()
     from qatgraph.kernels import partial_wgrad_triton
 
     assert partial_wgrad_triton._INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set"

@@ -72,16 +72,20 @@ def _locate(pid, inner, channels, blocks_per_row, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _qparams(scale_ptr, zero_point_ptr, channel, quant_min, quant_max):
+    """(scale, 1/scale as an IEEE division, lowest and highest code after the zero point) of a channel."""
+    scale = tl.load(scale_ptr + channel)
+    zero_point = tl.load(zero_point_ptr + channel).to(tl.float32)
+    return scale, tl.math.div_rn(1.0, scale), quant_min - zero_point, quant_max - zero_point
+
+
+@triton.jit
 def _forward_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zero_point_ptr,
                     inner, channels, blocks_per_row, quant_min, quant_max,
                     BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, DOWNCAST: tl.constexpr,
                     INTERPRETED: tl.constexpr):
     offsets, valid, channel = _locate(tl.program_id(0), inner, channels, blocks_per_row, BLOCK)
-    scale = tl.load(scale_ptr + channel)
-    zero_point = tl.load(zero_point_ptr + channel).to(tl.float32)
-    inverse_scale = tl.math.div_rn(1.0, scale)
-    low = quant_min - zero_point
-    high = quant_max - zero_point
+    scale, inverse_scale, low, high = _qparams(scale_ptr, zero_point_ptr, channel, quant_min, quant_max)
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
     scaled = x * inverse_scale
     rounded = _round_half_even(scaled, INTERPRETED)
@@ -109,11 +113,7 @@ def _lsq_backward_kernel(x_ptr, grad_ptr, scale_ptr, zero_point_ptr, grad_x_ptr,
                          BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
     pid = tl.program_id(0)
     offsets, valid, channel = _locate(pid, inner, channels, blocks_per_row, BLOCK)
-    scale = tl.load(scale_ptr + channel)
-    zero_point = tl.load(zero_point_ptr + channel).to(tl.float32)
-    inverse_scale = tl.math.div_rn(1.0, scale)
-    low = quant_min - zero_point
-    high = quant_max - zero_point
+    scale, inverse_scale, low, high = _qparams(scale_ptr, zero_point_ptr, channel, quant_min, quant_max)
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
     raw_grad = tl.load(grad_ptr + offsets, mask=valid, other=0.0)
     scaled = x * inverse_scale
