@@ -11,6 +11,7 @@ from __future__ import annotations
 from .errors import (
     BackendUnavailableError,
     CalibrationError,
+    DistributedError,
     ExportError,
     NotCalibratedError,
     PolicyError,
@@ -39,7 +40,7 @@ __all__ = [
     "Policy", "QuantSpec", "LayerRule", "FreezeConfig", "SensitivityConfig", "TracingConfig",
     "FakeQuantizer", "iter_quantizers", "CompileInfo", "LayerDecision", "QatgraphWarning",
     "QatgraphError", "PolicyError", "TraceError", "CalibrationError", "NotCalibratedError", "ExportError",
-    "BackendUnavailableError", "SensitivityError",
+    "BackendUnavailableError", "SensitivityError", "DistributedError",
 ]
 
 # Backends last: they import the core modules above.
