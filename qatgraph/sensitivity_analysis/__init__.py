@@ -9,7 +9,8 @@ Floors, bottom up (each module imports only those below it):
 * :mod:`.scores` — :func:`qatgraph.sensitivity` and ``auto_skip``.
 
 May import: :mod:`qatgraph.quant`, :mod:`qatgraph.graph`, :mod:`qatgraph.passes` (names only),
-:mod:`qatgraph.info`, :mod:`qatgraph.policy`, :mod:`qatgraph.progress`, :mod:`qatgraph.errors`.
+:mod:`qatgraph.info`, :mod:`qatgraph.policy`, :mod:`qatgraph.progress`, :mod:`qatgraph.errors`,
+:mod:`qatgraph.distributed`, :mod:`qatgraph.atomic_files`.
 """
 from __future__ import annotations
 
