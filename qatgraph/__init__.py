@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from . import distributed  # qatgraph.distributed.setup(), this_rank_only(), ... after `import qatgraph`
 from .errors import (
     BackendUnavailableError,
     CalibrationError,
@@ -29,12 +30,13 @@ from .sensitivity_analysis.recommend import SkipRecommendation, recommend_skip
 from .sensitivity_analysis.report import SensitivityReport
 from .sensitivity_analysis.scores import sensitivity
 from .summary import Summary, summary
+from .train.ddp import wrap_ddp
 from .train.finetune import FinetuneHistory, finetune, recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "calibrate", "summary", "Summary", "finetune", "recipe", "FinetuneHistory",
+    "compile", "calibrate", "summary", "Summary", "finetune", "recipe", "FinetuneHistory", "wrap_ddp", "distributed",
     "sensitivity", "recommend_skip", "apply_skip", "SensitivityReport", "SkipRecommendation",
     "export_onnx", "ExportResult", "check_parity", "ParityReport", "build_engine",
     "Policy", "QuantSpec", "LayerRule", "FreezeConfig", "SensitivityConfig", "TracingConfig",

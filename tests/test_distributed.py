@@ -184,3 +184,74 @@ def test_a_calibration_error_on_one_rank_stops_every_rank():
     rank0, rank1 = run_ranks(_calibrate_with_a_bad_batch)
     assert rank1.startswith("CalibrationError") and "NaN" in rank1
     assert rank0.startswith("DistributedError") and "rank 1" in rank0 and "NaN" in rank0
+
+
+# ------------------------------------------------------------------------------------- fine-tuning
+LEARNABLE = {"preset": "tensorrt", "weight": {"learnable_scale": True}}
+
+
+def _training_batches(steps: int = 3, batch: int = 8, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 8, 8, generator=generator), torch.randint(0, 16, (batch,), generator=generator))
+            for _ in range(steps)]
+
+
+def _accuracy(model: nn.Module, batches) -> float:
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    return correct / sum(len(y) for _, y in batches)
+
+
+def _calibrated(policy) -> nn.Module:
+    qmodel = qatgraph.compile(_model(), policy, example_inputs=(torch.randn(2, 3, 8, 8),))
+    qatgraph.calibrate(qmodel, [x for x, _ in _training_batches(seed=4)], show_progress=False)
+    return qmodel
+
+
+def _halves(batches, rank: int):
+    return [(x[rank * len(x) // 2:(rank + 1) * len(x) // 2], y[rank * len(y) // 2:(rank + 1) * len(y) // 2])
+            for x, y in batches]
+
+
+def _finetune_three_steps(rank: int, folder: str) -> dict:
+    """3 DDP steps on half batches vs one process on the whole batches, from the same calibrated state."""
+    import torch.nn.functional as F
+
+    qmodel = _calibrated(LEARNABLE)
+    start = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    batches, validation = _training_batches(), _training_batches(steps=2, seed=5)
+    checkpoint = f"{folder}/finetune.pt"
+    history = qatgraph.finetune(qmodel, _halves(batches, rank), F.cross_entropy, epochs=1, base_lr=0.1,
+                                val_loader=_halves(validation, rank), metric=_accuracy, checkpoint_path=checkpoint)
+    result = {"state": qmodel.state_dict(), "history": history.epochs,
+              "checkpoint": torch.load(checkpoint, weights_only=True)}  # rank 1 reads what rank 0 wrote
+    if rank == 0:
+        with this_rank_only():
+            reference = qatgraph.compile(_model(), LEARNABLE, example_inputs=(torch.randn(2, 3, 8, 8),))
+            reference.load_state_dict(start)
+            reference_history = qatgraph.finetune(reference, batches, F.cross_entropy, epochs=1, base_lr=0.1,
+                                                  val_loader=validation, metric=_accuracy)
+        result.update(reference_state=reference.state_dict(), reference_history=reference_history.epochs)
+    return result
+
+
+def test_ddp_finetune_matches_one_process_on_the_whole_batches(tmp_path):
+    rank0, rank1 = run_ranks(_finetune_three_steps, str(tmp_path))
+    moved = 0
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), f"{key} differs between the ranks"
+        reference = rank0["reference_state"][key]
+        if value.is_floating_point():
+            assert torch.allclose(value, reference, rtol=1e-4, atol=1e-6), \
+                f"{key}: max difference to one process {float((value - reference).abs().max())}"
+            moved += not torch.equal(value, reference) or key.endswith("weight")
+        else:
+            assert torch.equal(value, reference), key
+    assert moved, "nothing trained"
+    for mine, other, alone in zip(rank0["history"], rank1["history"], rank0["reference_history"]):
+        assert mine["train_loss"] == other["train_loss"] and mine["val_metric"] == other["val_metric"]
+        assert mine["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-5)
+        assert mine["val_metric"] == alone["val_metric"]  # equal halves: the mean of the ranks' accuracies
+    checkpoint = rank1["checkpoint"]
+    assert checkpoint["format"] == "qatgraph-finetune/1" and checkpoint["epoch"] == 1
+    assert all(torch.equal(v, rank0["state"][k]) for k, v in checkpoint["state_dict"].items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune.pt"]  # no temporary file left
