@@ -212,13 +212,14 @@ def _halves(batches, rank: int):
             for x, y in batches]
 
 
-def _finetune_three_steps(rank: int, folder: str) -> dict:
-    """3 DDP steps on half batches vs one process on the whole batches, from the same calibrated state."""
+def _finetune_five_steps(rank: int, folder: str) -> dict:
+    """5 DDP steps on half batches vs one process on the whole batches, from the same calibrated state."""
     import torch.nn.functional as F
 
     qmodel = _calibrated(LEARNABLE)
     start = {k: v.clone() for k, v in qmodel.state_dict().items()}
-    batches, validation = _training_batches(), _training_batches(steps=2, seed=5)
+    # 5 steps: the recipe freezes the learnable scales after step 4 (80%), so step 5 runs without their gradients
+    batches, validation = _training_batches(steps=5), _training_batches(steps=2, seed=5)
     checkpoint = f"{folder}/finetune.pt"
     history = qatgraph.finetune(qmodel, _halves(batches, rank), F.cross_entropy, epochs=1, base_lr=0.1,
                                 val_loader=_halves(validation, rank), metric=_accuracy, checkpoint_path=checkpoint)
@@ -235,7 +236,7 @@ def _finetune_three_steps(rank: int, folder: str) -> dict:
 
 
 def test_ddp_finetune_matches_one_process_on_the_whole_batches(tmp_path):
-    rank0, rank1 = run_ranks(_finetune_three_steps, str(tmp_path))
+    rank0, rank1 = run_ranks(_finetune_five_steps, str(tmp_path))
     moved = 0
     for key, value in rank0["state"].items():
         assert torch.equal(value, rank1["state"][key]), f"{key} differs between the ranks"
@@ -255,3 +256,98 @@ def test_ddp_finetune_matches_one_process_on_the_whole_batches(tmp_path):
     assert checkpoint["format"] == "qatgraph-finetune/1" and checkpoint["epoch"] == 1
     assert all(torch.equal(v, rank0["state"][k]) for k, v in checkpoint["state_dict"].items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune.pt"]  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------- EfQAT
+def _efqat_model(mode: str, ratio: float, interval: int) -> nn.Module:
+    """TinyNet whose fc rows matter most (10x the weights): conv2 is left with no trainable row."""
+    model = _model()
+    with torch.no_grad():
+        model.fc.weight.mul_(10.0)
+    policy = {**LEARNABLE, "freeze": {"mode": mode, "ratio": ratio, "interval": interval}}
+    qmodel = qatgraph.compile(model, policy, example_inputs=(torch.randn(2, 3, 8, 8),))
+    qatgraph.calibrate(qmodel, [x for x, _ in _training_batches(seed=4)], show_progress=False)
+    return qmodel
+
+
+def _efqat_state(qmodel: nn.Module) -> dict:
+    controller = qmodel.qatgraph_freeze
+    return {"refreshes": controller.refreshes, "state": {k: v.clone() for k, v in qmodel.state_dict().items()},
+            "frozen": {layer.name: None if layer.frozen_rows is None else layer.frozen_rows.clone()
+                       for layer in controller.layers}}
+
+
+def _efqat_under_ddp(rank: int) -> dict:
+    import torch.nn.functional as F
+
+    results = {}
+    # CWPN, no refresh: frozen rows (all of conv2's, some of fc's) must not move on any rank
+    qmodel = _efqat_model("cwpn", 0.25, 10**9)
+    results["cwpn_before"] = _efqat_state(qmodel)
+    qatgraph.finetune(qmodel, _halves(_training_batches(), rank), F.cross_entropy, epochs=1, base_lr=0.1)
+    results["cwpn_after"] = _efqat_state(qmodel)
+    # a refresh every 16 samples of the whole (8-sample) batch: at the same steps as one process
+    qmodel = _efqat_model("cwpn", 0.25, 16)
+    start = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    batches = _training_batches(steps=5)
+    qatgraph.finetune(qmodel, _halves(batches, rank), F.cross_entropy, epochs=1, base_lr=0.1)
+    results["refresh"] = _efqat_state(qmodel)
+    if rank == 0:
+        with this_rank_only():
+            reference = _efqat_model("cwpn", 0.25, 16)
+            reference.load_state_dict(start)
+            qatgraph.finetune(reference, batches, F.cross_entropy, epochs=1, base_lr=0.1)
+        results["refresh_reference"] = _efqat_state(reference)
+    # LWPN in a hand-written loop: conv2 is frozen when DDP is built, then trains after a refresh
+    qmodel = _efqat_model("lwpn", 0.5, 10**9)
+    ddp_model = qatgraph.wrap_ddp(qmodel)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9)
+    results["lwpn_before"] = _efqat_state(qmodel)
+    for step, (inputs, targets) in enumerate(_halves(_training_batches(steps=4), rank)):
+        if step == 2:
+            with torch.no_grad():
+                qmodel.conv2.weight.mul_(100.0)  # the same on every rank: conv2 now matters most
+            qmodel.qatgraph_freeze.refresh()
+            results["lwpn_refreshed"] = _efqat_state(qmodel)
+        optimizer.zero_grad()
+        F.cross_entropy(ddp_model(inputs), targets).backward()
+        optimizer.step()
+    results["lwpn_after"] = _efqat_state(qmodel)
+    return results
+
+
+def _assert_same_on_both_ranks(rank0: dict, rank1: dict, what: str) -> None:
+    assert rank0["refreshes"] == rank1["refreshes"], what
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), f"{what}: {key} differs between the ranks"
+    for name, rows in rank0["frozen"].items():
+        other = rank1["frozen"][name]
+        assert (rows is None and other is None) or torch.equal(rows, other), f"{what}: {name} frozen rows differ"
+
+
+def test_efqat_under_ddp_keeps_frozen_rows_and_refreshes_in_step():
+    rank0, rank1 = run_ranks(_efqat_under_ddp)
+    for key in ("cwpn_after", "refresh", "lwpn_refreshed", "lwpn_after"):
+        _assert_same_on_both_ranks(rank0[key], rank1[key], key)
+    # frozen rows are bit-identical to before training; trainable ones moved
+    before, after = rank0["cwpn_before"], rank0["cwpn_after"]
+    assert before["frozen"]["conv2"].numel() == 16, "conv2 should have no trainable row in this model"
+    for name, rows in before["frozen"].items():
+        weight_before, weight_after = before["state"][f"{name}.weight"], after["state"][f"{name}.weight"]
+        assert torch.equal(weight_before[rows], weight_after[rows]), f"{name}: frozen rows moved"
+    trainable = torch.ones(16, dtype=torch.bool)
+    trainable[before["frozen"]["fc"]] = False
+    assert not torch.equal(before["state"]["fc.weight"][trainable], after["state"]["fc.weight"][trainable])
+    # refreshes: as many, at the same steps, choosing the same rows as one process on the whole batches
+    refreshed, alone = rank0["refresh"], rank0["refresh_reference"]
+    assert refreshed["refreshes"] == alone["refreshes"] == 3  # at compile, and after 16 and 32 samples
+    for name, rows in refreshed["frozen"].items():
+        assert torch.equal(rows, alone["frozen"][name]), name
+    for key, value in refreshed["state"].items():
+        assert torch.allclose(value.float(), alone["state"][key].float(), rtol=1e-4, atol=1e-6), key
+    # LWPN: conv2 was frozen when DDP was built; after the refresh it trains, in step on both ranks
+    assert rank0["lwpn_before"]["frozen"]["conv2"].numel() == 16 and rank0["lwpn_before"]["frozen"]["fc"] is None
+    assert rank0["lwpn_refreshed"]["frozen"]["conv2"] is None and rank0["lwpn_refreshed"]["frozen"]["fc"].numel() == 16
+    refreshed, final = rank0["lwpn_refreshed"]["state"], rank0["lwpn_after"]["state"]
+    assert not torch.equal(refreshed["conv2.weight"], final["conv2.weight"]), "conv2 did not train after the refresh"
+    assert torch.equal(refreshed["fc.weight"], final["fc.weight"]), "fc moved while frozen"

@@ -17,12 +17,13 @@ Under a group:
 * checkpoints are written by rank 0, atomically, while the other ranks wait.
 
 DDP and qatgraph's frozen parameters: a parameter that goes without a gradient in a step (a
-learnable scale frozen late in the recipe or on a disabled quantizer, an EfQAT LWPN layer frozen
-at a refresh) never reports it, and plain DDP then fails ("Expected to have finished reduction")
-or waits; a parameter that does not need a gradient when DDP is built is never synchronized,
-even once it trains. :func:`wrap_ddp` therefore registers every parameter that may train at
-some point and turns on ``find_unused_parameters`` when one may skip a step; CWPL/CWPN rows need
-neither (their layers always produce a full-size weight gradient, zero on frozen rows).
+learnable scale frozen late in the recipe or on a disabled quantizer, an EfQAT layer left with no
+trainable row at a refresh) never reports it, and plain DDP then fails ("Expected to have
+finished reduction") or waits; a parameter that does not need a gradient when DDP is built is
+never synchronized, even once it trains. :func:`wrap_ddp` therefore registers every parameter
+that may train at some point and turns on ``find_unused_parameters`` when one may skip a step.
+Partly frozen layers need neither: their masked ops give a full-size weight gradient (zero on
+the frozen rows, so the average over ranks is zero there too).
 """
 from __future__ import annotations
 
@@ -82,6 +83,21 @@ class TrainingProcesses:
         """The ranks' metric values averaged (each rank evaluates its own ``val_loader``)."""
         return float(all_reduce(torch.tensor([float(value)], dtype=torch.float64), "sum")[0]) / world_size()
 
+    def check_efqat_agreement(self) -> None:
+        """EfQAT must refresh at the same steps and choose the same rows on every rank; a mismatch
+        (ranks fed batches of different sizes) would silently train different models."""
+        controller = getattr(self.compiled, "qatgraph_freeze", None)
+        if controller is None or not self.distributed:
+            return
+        state = (controller.refreshes, controller.samples_since_refresh,
+                 tuple(_frozen_rows_digest(layer.frozen_rows) for layer in controller.layers))
+        states = all_gather_objects(state)
+        if any(other != states[0] for other in states):
+            counts = ", ".join(f"rank {index}: {s[0]} refreshes, {s[1]} samples since" for index, s in enumerate(states))
+            raise DistributedError(f"EfQAT state differs between ranks ({counts}): every rank must see batches of the "
+                                   "same size at every step (DistributedSampler shards do) so that all refresh at the "
+                                   "same step")
+
     def save_checkpoint(self, path: str | os.PathLike, epoch: int, history: list[dict[str, float]]) -> None:
         """``{"format", "epoch", "state_dict", "history"}`` to ``path``: rank 0 writes atomically, all wait."""
         def write() -> None:
@@ -125,7 +141,7 @@ def wrap_ddp(qmodel: nn.Module, *, find_unused_parameters: bool | None = None,
 
     Registers every parameter EfQAT or the recipe may train (frozen ones included, for the moment
     of wrapping) and, with ``find_unused_parameters=None``, turns that option on only when a
-    registered parameter can go without a gradient in a step (learnable scales, EfQAT ``lwpn``),
+    registered parameter can go without a gradient in a step (learnable scales, EfQAT),
     since DDP would otherwise fail or wait for it. For a hand-written loop as for
     :func:`qatgraph.finetune`. CUDA models
     get ``device_ids=[their device]``; under ``nccl`` the model must be on this rank's GPU.
@@ -153,6 +169,10 @@ def wrap_ddp(qmodel: nn.Module, *, find_unused_parameters: bool | None = None,
 
 
 # ------------------------------------------------------------------------------------- freezing
+def _frozen_rows_digest(rows: torch.Tensor | None) -> tuple[int, int] | None:
+    return None if rows is None else (int(rows.numel()), int(rows.sum()))
+
+
 def _trainable_scales(model: nn.Module) -> list[nn.Parameter]:
     """Learnable scales whose range is not frozen: they train, or stop training when the recipe
     freezes ranges, or never get a gradient while their quantizer is disabled (a skipped layer)."""
@@ -168,9 +188,8 @@ def _efqat_weights(model: nn.Module) -> list[nn.Parameter]:
 
 def _may_skip_gradients(model: nn.Module) -> bool:
     """Whether a parameter DDP registers can go without a gradient in some step."""
-    controller = getattr(model, "qatgraph_freeze", None)
-    lwpn = controller is not None and getattr(controller.config, "mode", None) == "lwpn"
-    return lwpn or bool(_trainable_scales(model))
+    # EfQAT (every mode) gives a layer left with no trainable row no weight gradient at all
+    return getattr(model, "qatgraph_freeze", None) is not None or bool(_trainable_scales(model))
 
 
 @contextlib.contextmanager
@@ -191,7 +210,7 @@ def _check_user_ddp(model: nn.parallel.DistributedDataParallel) -> None:
     if _may_skip_gradients(model.module) and not model.find_unused_parameters:
         raise DistributedError(
             "finetune: some parameters of this model can go without a gradient in a step (learnable quantizer scales: "
-            "frozen late by the recipe, or on a disabled quantizer; EfQAT lwpn layers), and "
+            "frozen late by the recipe, or on a disabled quantizer; EfQAT layers left with no trainable row), and "
             "DistributedDataParallel(find_unused_parameters=False) then fails or waits for them: pass the compiled "
             "model unwrapped (finetune wraps it) or wrap it with qatgraph.wrap_ddp(model)")
 

@@ -164,6 +164,7 @@ def finetune(qmodel: nn.Module, train_loader: Iterable[Any], loss_fn: Callable[[
             with torch.no_grad():
                 record["val_metric"] = processes.mean_metric(float(metric(qmodel, val_loader)))
         history.epochs.append(record)
+        processes.check_efqat_agreement()
         if checkpoint_path is not None:
             processes.save_checkpoint(checkpoint_path, epoch + 1, history.epochs)
     qmodel.train()
