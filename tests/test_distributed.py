@@ -351,3 +351,57 @@ def test_efqat_under_ddp_keeps_frozen_rows_and_refreshes_in_step():
     refreshed, final = rank0["lwpn_refreshed"]["state"], rank0["lwpn_after"]["state"]
     assert not torch.equal(refreshed["conv2.weight"], final["conv2.weight"]), "conv2 did not train after the refresh"
     assert torch.equal(refreshed["fc.weight"], final["fc.weight"]), "fc moved while frozen"
+
+
+# ------------------------------------------------------------------------------------- fine-tune plumbing
+def _finetune_plumbing(rank: int) -> dict:
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    results: dict = {}
+    # a plain DataLoader is sharded (disjoint halves) and reshuffled every epoch
+    inputs = torch.randn(16, 3, 8, 8)
+    inputs[:, 0, 0, 0] = torch.arange(16, dtype=torch.float32)  # each sample carries its index
+    loader = DataLoader(TensorDataset(inputs, torch.randint(0, 16, (16,))), batch_size=4, shuffle=True)
+    qmodel = _calibrated("tensorrt")
+    seen: list[list[int]] = []
+    qmodel.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, 0, 0, 0].long().tolist()))
+    qatgraph.finetune(qmodel, loader, F.cross_entropy, epochs=2, base_lr=0.1)
+    results["seen"] = seen
+    # different numbers of steps per rank: every rank stops with the same clear error
+    uneven = _halves(_training_batches(), rank)[: 3 - rank]
+    with pytest.raises(qatgraph.DistributedError) as caught:
+        qatgraph.finetune(_calibrated("tensorrt"), uneven, F.cross_entropy, epochs=1, base_lr=0.1)
+    results["uneven"] = str(caught.value)
+    # a user's DDP that would wait for frozen learnable scales is refused before training
+    user_ddp = nn.parallel.DistributedDataParallel(_calibrated(LEARNABLE))
+    with pytest.raises(qatgraph.DistributedError) as caught:
+        qatgraph.finetune(user_ddp, _halves(_training_batches(), rank), F.cross_entropy, epochs=1, base_lr=0.1)
+    results["user_ddp"] = str(caught.value)
+    return results
+
+
+def test_finetune_shards_a_dataloader_and_refuses_what_would_hang():
+    rank0, rank1 = run_ranks(_finetune_plumbing)
+    for epoch in range(2):
+        mine, other = rank0["seen"][2 * epoch:2 * epoch + 2], rank1["seen"][2 * epoch:2 * epoch + 2]
+        samples = [i for batch in mine + other for i in batch]
+        assert len(rank0["seen"]) == len(rank1["seen"]) == 4, "each rank: 2 steps of 4 samples per epoch"
+        assert sorted(samples) == list(range(16)), f"epoch {epoch}: the ranks' shards are not disjoint halves"
+    assert rank0["seen"][:2] != rank0["seen"][2:], "the sampler was not given the epoch (same order twice)"
+    for message in (rank0["uneven"], rank1["uneven"]):
+        assert "rank 0: 3, rank 1: 2" in message and "DistributedSampler" in message
+    for message in (rank0["user_ddp"], rank1["user_ddp"]):
+        assert "find_unused_parameters=False" in message and "wrap_ddp" in message
+
+
+def test_ddp_without_a_process_group_is_a_clear_error():
+    import torch.nn.functional as F
+
+    qmodel = _calibrated("tensorrt")
+    with pytest.raises(qatgraph.DistributedError, match="torchrun"):
+        qatgraph.finetune(qmodel, _training_batches(), F.cross_entropy, epochs=1, base_lr=0.1, ddp=True)
+    with pytest.raises(qatgraph.DistributedError, match="torchrun"):
+        qatgraph.wrap_ddp(qmodel)
+    with pytest.raises(qatgraph.DistributedError, match="torchrun"):
+        qatgraph.distributed.setup()
