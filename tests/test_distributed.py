@@ -405,3 +405,88 @@ def test_ddp_without_a_process_group_is_a_clear_error():
         qatgraph.wrap_ddp(qmodel)
     with pytest.raises(qatgraph.DistributedError, match="torchrun"):
         qatgraph.distributed.setup()
+
+
+# ------------------------------------------------------------------------------------- sensitivity
+class FiveLayers(nn.Module):
+    """Five quantized Linear layers (an odd count: the last round leaves a rank idle) and a float head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(5))
+        self.head = nn.Linear(32, 10)  # N=10 < 16: stays in floating point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def _report(report) -> dict:
+    data = report.to_dict()
+    data["baseline"].pop("seconds")
+    return data
+
+
+def _sensitivity_everywhere(rank: int, folder: str) -> dict:
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = FiveLayers().eval()
+    with torch.no_grad():  # layers.2 is fragile (as in test_sensitivity.py): huge weights on a dead input
+        model.layers[1].weight[0].zero_()
+        model.layers[1].bias[0] = -1.0
+        model.layers[2].weight[:, 0] = 40.0
+    generator = torch.Generator().manual_seed(6)
+    samples = [(torch.randn(16, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator))
+               for _ in range(3)]
+    inputs = [x for x, _ in samples]
+    qmodel = qatgraph.compile(model, "tensorrt", example_inputs=(inputs[0],))
+    qatgraph.calibrate(qmodel, inputs[rank::2])
+
+    def analyse():
+        fast = qatgraph.sensitivity(qmodel, samples, input_fn=lambda item: item[0], gradient=True,
+                                    loss_fn=lambda output, item: F.cross_entropy(output, item[1]))
+        full = qatgraph.sensitivity(qmodel, inputs, qatgraph.sensitivity_analysis.agreement_metric(inputs), "full")
+        return _report(fast), _report(full)
+
+    results = {"reports": analyse()}
+    calls = []
+    hook = qmodel.register_forward_hook(lambda *_: calls.append(1))
+    qatgraph.sensitivity(qmodel, inputs)  # fast: 3 batches x (FP reference + all quantized + 2 per probed layer)
+    results["forward_calls"] = len(calls)
+    hook.remove()
+    cached = qatgraph.sensitivity(qmodel, inputs, cache_dir=folder)  # rank 0 writes the cache file ...
+    rerun = qatgraph.sensitivity(qmodel, inputs, cache_dir=folder)   # ... every rank reads it through rank 0
+    results["cache"] = (_report(cached), _report(rerun))
+    rerun.save(f"{folder}/report")
+    results["saved"] = qatgraph.SensitivityReport.load(f"{folder}/report").ranking  # rank 1 reads rank 0's file
+    if rank == 0:
+        with this_rank_only():
+            results["reference"] = analyse()
+            calls.clear()
+            hook = qmodel.register_forward_hook(lambda *_: calls.append(1))
+            qatgraph.sensitivity(qmodel, inputs)
+            results["reference_forward_calls"] = len(calls)
+            hook.remove()
+    with pytest.raises(qatgraph.DistributedError) as caught:  # a shard of the data per rank is refused
+        qatgraph.sensitivity(qmodel, inputs[rank:rank + 1])
+    results["sharded"] = str(caught.value)
+    return results
+
+
+def test_sensitivity_split_across_ranks_equals_one_process(tmp_path):
+    rank0, rank1 = run_ranks(_sensitivity_everywhere, str(tmp_path))
+    assert rank0["reports"] == rank1["reports"]
+    # the 5 layers' probes are shared: rank 0 scores 3 of them, rank 1 two (6 batch passes each)
+    assert rank0["reference_forward_calls"] == 3 + 3 + 5 * 6
+    assert (rank0["forward_calls"], rank1["forward_calls"]) == (3 + 3 + 3 * 6, 3 + 3 + 2 * 6)
+    assert rank0["reports"] == rank0["reference"], "the ranks' shared analysis differs from one process's"
+    fast, full = rank0["reports"]
+    assert fast["ranking"][0] == "layers.2" and len(full["ranking"]) == 5
+    assert all(fast["details"][layer]["fisher"] is not None for layer in fast["ranking"])
+    cached, rerun = rank0["cache"]
+    assert cached["baseline"]["cached_results"] == 0 and rerun["baseline"]["cached_results"] == 6  # 5 layers + all
+    assert rank1["cache"][1]["baseline"]["cached_results"] == 6 and rerun["details"] == cached["details"]
+    assert [p.name for p in tmp_path.glob("sensitivity-*.jsonl")] and rank1["saved"] == rerun["ranking"]
+    assert "rank 1's samples differ" in rank0["sharded"] and "rank 1's samples differ" in rank1["sharded"]
