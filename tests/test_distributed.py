@@ -490,3 +490,43 @@ def test_sensitivity_split_across_ranks_equals_one_process(tmp_path):
     assert rank1["cache"][1]["baseline"]["cached_results"] == 6 and rerun["details"] == cached["details"]
     assert [p.name for p in tmp_path.glob("sensitivity-*.jsonl")] and rank1["saved"] == rerun["ranking"]
     assert "rank 1's samples differ" in rank0["sharded"] and "rank 1's samples differ" in rank1["sharded"]
+
+
+# ------------------------------------------------------------------------------------- files
+def _write_on_rank_0(rank: int, folder: str) -> dict:
+    from qatgraph.checkpoint import ModelSource, load_checkpoint, save_checkpoint
+    from qatgraph.policy import Policy
+
+    import onnx
+
+    import qatgraph.checkpoint
+
+    writes: list[str] = []  # which files this rank writes itself
+    save_onnx, save_torch = onnx.save, qatgraph.checkpoint.atomic_torch_save
+    onnx.save = lambda model, path, *a, **k: (writes.append("onnx"), save_onnx(model, path, *a, **k))[1]
+    qatgraph.checkpoint.atomic_torch_save = lambda obj, path: (writes.append("checkpoint"), save_torch(obj, path))[1]
+    qmodel = _calibrated("tensorrt")
+    example = torch.randn(2, 3, 8, 8)
+    result = qatgraph.export_onnx(nn.parallel.DistributedDataParallel(qmodel), f"{folder}/model.onnx", example)
+    with open(f"{folder}/model.onnx", "rb") as handle:  # complete as soon as export_onnx returns, on every rank
+        onnx_bytes = handle.read()
+    with pytest.raises(qatgraph.ExportError) as caught:  # rank 0's error is every rank's error
+        qatgraph.export_onnx(qmodel, f"{folder}/bad.onnx", example, opset=11)
+    save_checkpoint(f"{folder}/qat.pt", qmodel, ModelSource("test_distributed:_model", None, (2, 3, 8, 8)),
+                    Policy.preset("tensorrt"))
+    loaded, _, _ = load_checkpoint(f"{folder}/qat.pt")
+    if rank == 0:
+        with this_rank_only():  # rank 0 alone: no other rank takes part, nothing waits
+            qatgraph.export_onnx(qmodel, f"{folder}/alone.onnx", example)
+    return {"writes": writes, "result": (result.path, result.num_nodes, result.num_qdq, result.size_bytes, len(result.findings)),
+            "onnx_bytes": len(onnx_bytes), "error": str(caught.value),
+            "checkpoint_equal": all(torch.equal(v, qmodel.state_dict()[k]) for k, v in loaded.state_dict().items())}
+
+
+def test_exports_and_checkpoints_are_written_by_rank_0_for_every_rank(tmp_path):
+    rank0, rank1 = run_ranks(_write_on_rank_0, str(tmp_path))
+    assert rank0["writes"] == ["onnx", "checkpoint", "onnx"] and rank1["writes"] == []
+    assert rank0["result"] == rank1["result"] and rank1["onnx_bytes"] == rank0["result"][3] > 0
+    assert rank0["error"] == rank1["error"] and "opset" in rank0["error"]
+    assert rank0["checkpoint_equal"] and rank1["checkpoint_equal"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.onnx", "model.onnx", "qat.pt"]
