@@ -32,7 +32,7 @@ fast tier get full evaluations and rank first; the rest follow in fast order.
 **Processes.** Under a ``torch.distributed`` group (:mod:`qatgraph.distributed`) every rank
 calls ``sensitivity`` with the same model and the same samples; the per-layer probes (and the
 gradient tier's batches) are shared among the ranks and their results gathered, so the report
-is the one a single process computes, in about ``1 / ranks`` of the time
+is the one a single process computes, and each rank runs ``1 / ranks`` of the probes
 (:mod:`.sharing`). ``recommend_skip`` is not shared: every rank runs the same greedy search.
 
 **Cache.** With ``cache_dir``, results go to ``<cache_dir>/sensitivity-<fingerprint>.jsonl``

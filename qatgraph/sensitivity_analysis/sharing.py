@@ -3,10 +3,11 @@
 Expects every rank to hold the same model and the same samples (checked by
 :func:`check_same_everywhere`: the layers are split across ranks, not the data). Guarantees:
 :func:`shared_results` gives every rank every result, each computed once, on one rank, exactly as
-one process would compute it (same model, same data, same arithmetic), so the report is the one
-a single process writes, at about ``1 / ranks`` of the time. Probes go out round robin, one per
-rank per round, and each round's results are gathered before the next, so rank 0's result log
-(the resumable cache) records every finished probe as it goes and its progress bar counts them.
+one process would compute it (same model, same data, same arithmetic; with the same thread
+count), so the report is the one a single process writes, while each rank runs ``1 / ranks`` of
+the probes. Probes go out round robin, one per rank per round, and each round's results are
+gathered before the next, so rank 0's result log (the resumable cache) records every finished
+probe as it goes and its progress bar counts them.
 A failure on any rank stops every rank (see :func:`qatgraph.distributed.gather_failures`).
 Without a process group these are the plain single-process loops.
 """
