@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from qatgraph.distributed import world_size
+from qatgraph.distributed import is_main_process, world_size
 from qatgraph.policy import FreezeConfig
 from qatgraph.quant.qmodules import CONV_TRANSPOSE_TYPES, QuantWeightMixin
 
@@ -132,8 +132,9 @@ class FreezeController:
             self._apply(layer, selections.get(id(layer), "all"))
         self.samples_since_refresh = 0
         self.refreshes += 1
-        log.info("qatgraph EfQAT (%s, ratio %.3g): %d of %d rows train", mode, ratio, self.trainable_rows,
-                 self.total_rows)
+        if is_main_process():  # every rank refreshes alike: one line, not one per rank
+            log.info("qatgraph EfQAT (%s, ratio %.3g): %d of %d rows train", mode, ratio, self.trainable_rows,
+                     self.total_rows)
 
     def _network_rows(self, ratio: float) -> dict[int, torch.Tensor]:
         eligible = [layer for layer in self.layers if layer.partial_ok]
