@@ -1,4 +1,4 @@
-"""Run a test function on two CPU processes joined by ``torch.distributed`` (gloo), from pytest.
+"""Run a test function on two processes joined by ``torch.distributed`` (gloo on CPUs; nccl), from pytest.
 
 ``run_ranks(fn, *args)`` spawns one process per rank (the ``spawn`` start method: no forked
 threads), each joins a gloo group through a fresh free TCP port on 127.0.0.1, calls
@@ -37,12 +37,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = WORLD_SIZE, timeout_s: float = 240.0) -> list[Any]:
-    """``[fn(0, *args), fn(1, *args), ...]``, each computed in its own process of one gloo group."""
+def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = WORLD_SIZE, timeout_s: float = 240.0,
+              backend: str = "gloo") -> list[Any]:
+    """``[fn(0, *args), fn(1, *args), ...]``, each computed in its own process of one group (``nccl``:
+    rank r on ``cuda:r``)."""
     folder = tempfile.mkdtemp(prefix="qatgraph-ranks-")
     context = mp.get_context("spawn")
     address = f"tcp://127.0.0.1:{free_port()}"
-    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, address, folder, args),
+    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, address, folder, backend, args),
                                  name=f"rank{rank}") for rank in range(world_size)]
     for process in processes:
         process.start()
@@ -96,13 +98,16 @@ def _path(folder: str, kind: str, rank: int) -> str:
     return os.path.join(folder, f"{kind}-{rank}.{'pkl' if kind == 'result' else 'txt'}")
 
 
-def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, address: str, folder: str, args: tuple) -> None:
+def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, address: str, folder: str, backend: str,
+               args: tuple) -> None:
     import torch.distributed as dist
 
     os.environ["QATGRAPH_NO_PROGRESS"] = "1"
     torch.set_num_threads(1)  # the same arithmetic on every rank and in the reference runs
     try:
-        dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=address, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         result = fn(rank, *args)
         with open(_path(folder, "result", rank) + ".tmp", "wb") as handle:

@@ -530,3 +530,31 @@ def test_exports_and_checkpoints_are_written_by_rank_0_for_every_rank(tmp_path):
     assert rank0["error"] == rank1["error"] and "opset" in rank0["error"]
     assert rank0["checkpoint_equal"] and rank1["checkpoint_equal"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.onnx", "model.onnx", "qat.pt"]
+
+
+# ------------------------------------------------------------------------------------- GPUs
+def _nccl_efqat_finetune(rank: int) -> dict:
+    import torch.nn.functional as F
+
+    device = torch.device("cuda", rank)
+    qmodel = _efqat_model("cwpn", 0.25, 10**9).to(device)
+    qatgraph.calibrate(qmodel, [x.to(device) for x, _ in _training_batches(seed=4)][rank::2])  # merged over nccl
+    before = _efqat_state(qmodel)
+    qatgraph.finetune(qmodel, [(x.to(device), y.to(device)) for x, y in _halves(_training_batches(), rank)],
+                      F.cross_entropy, epochs=1, base_lr=0.1)  # AMP (bf16 where supported) on CUDA
+    after = _efqat_state(qmodel)
+    return {key: {"refreshes": state["refreshes"], "state": {k: v.cpu() for k, v in state["state"].items()},
+                  "frozen": {k: None if v is None else v.cpu() for k, v in state["frozen"].items()}}
+            for key, state in (("before", before), ("after", after))}
+
+
+@pytest.mark.gpu
+def test_nccl_ranks_on_two_gpus_calibrate_and_train_in_step():
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs for two nccl ranks")
+    rank0, rank1 = run_ranks(_nccl_efqat_finetune, backend="nccl")
+    for key in ("before", "after"):
+        _assert_same_on_both_ranks(rank0[key], rank1[key], key)
+    before, after = rank0["before"], rank0["after"]
+    for name, rows in before["frozen"].items():
+        assert torch.equal(before["state"][f"{name}.weight"][rows], after["state"][f"{name}.weight"][rows]), name
