@@ -113,7 +113,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, address: str,
         with open(_path(folder, "result", rank) + ".tmp", "wb") as handle:
             pickle.dump(result, handle)
         os.replace(_path(folder, "result", rank) + ".tmp", _path(folder, "result", rank))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever stopped this rank, the parent shows its traceback
         with open(_path(folder, "traceback", rank), "w", encoding="utf-8") as handle:
             handle.write(traceback.format_exc())
         raise SystemExit(1) from None

@@ -152,7 +152,7 @@ def test_merged_histograms_are_the_histogram_of_all_shards():
     for key, entry in rank0.items():
         if key == "empty shard":
             continue
-        pinned, calibrator, symmetric = key
+        pinned, calibrator, _symmetric = key
         for mine, other in zip(entry["range"], rank1[key]["range"]):
             assert torch.equal(mine, other), f"{key}: the ranks' ranges differ"
         if calibrator == "max" or pinned:
@@ -494,12 +494,11 @@ def test_sensitivity_split_across_ranks_equals_one_process(tmp_path):
 
 # ------------------------------------------------------------------------------------- files
 def _write_on_rank_0(rank: int, folder: str) -> dict:
-    from qatgraph.checkpoint import ModelSource, load_checkpoint, save_checkpoint
-    from qatgraph.policy import Policy
-
     import onnx
 
     import qatgraph.checkpoint
+    from qatgraph.checkpoint import ModelSource, load_checkpoint, save_checkpoint
+    from qatgraph.policy import Policy
 
     writes: list[str] = []  # which files this rank writes itself
     save_onnx, save_torch = onnx.save, qatgraph.checkpoint.atomic_torch_save
