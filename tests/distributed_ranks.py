@@ -1,7 +1,8 @@
 """Run a test function on two processes joined by ``torch.distributed`` (gloo on CPUs; nccl), from pytest.
 
-``run_ranks(fn, *args)`` spawns one process per rank (the ``spawn`` start method: no forked
-threads), each joins a gloo group through a fresh free TCP port on 127.0.0.1, calls
+``run_ranks(fn, *args)`` starts one process per rank (``forkserver``: forks of a fresh server
+process that imported torch and qatgraph once, so no thread or state of pytest's process is
+inherited and no rank pays the imports again), each joins a gloo group through a fresh free TCP port on 127.0.0.1, calls
 ``fn(rank, *args)`` and sends back its picklable result; the list of results comes back in rank
 order. Bounded in time: the process group's collectives time out after ``COLLECTIVE_TIMEOUT_S``
 (a rank waiting for a dead peer fails rather than hangs) and the whole run after
@@ -42,7 +43,7 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = WORLD_SIZE, 
     """``[fn(0, *args), fn(1, *args), ...]``, each computed in its own process of one group (``nccl``:
     rank r on ``cuda:r``)."""
     folder = tempfile.mkdtemp(prefix="qatgraph-ranks-")
-    context = mp.get_context("spawn")
+    context = _context()
     address = f"tcp://127.0.0.1:{free_port()}"
     processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, address, folder, backend, args),
                                  name=f"rank{rank}") for rank in range(world_size)]
@@ -58,6 +59,14 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = WORLD_SIZE, 
         with open(_path(folder, "result", rank), "rb") as handle:
             results.append(pickle.load(handle))
     return results
+
+
+def _context():
+    """``forkserver`` with torch and qatgraph imported once in the server: each rank starts as a fork
+    of that thread-free process (no import cost per test, none of pytest's threads or state)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "qatgraph", "distributed_ranks"])
+    return context
 
 
 def _wait(processes: list[Any], deadline: float) -> set[int]:
