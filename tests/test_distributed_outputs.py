@@ -13,7 +13,7 @@ from distributed_ranks import run_ranks
 from torch import nn
 
 import qatgraph
-from qatgraph.distributed import this_rank_only
+from qatgraph.distributed import run_on_main, this_rank_only
 
 
 class FiveLayers(nn.Module):
@@ -124,9 +124,22 @@ def _write_on_rank_0(rank: int, folder: str) -> dict:
     if rank == 0:
         with this_rank_only():  # rank 0 alone: no other rank takes part, nothing waits
             qatgraph.export_onnx(qmodel, f"{folder}/alone.onnx", example)
-    return {"writes": writes, "result": (result.path, result.num_nodes, result.num_qdq, result.size_bytes, len(result.findings)),
-            "onnx_bytes": len(onnx_bytes), "error": str(caught.value),
-            "checkpoint_equal": all(torch.equal(v, qmodel.state_dict()[k]) for k, v in loaded.state_dict().items())}
+    with pytest.raises(Exception) as unpicklable:  # an error that cannot travel still stops every rank
+        run_on_main(_raise_unpicklable, "writing a file")
+    return {"writes": writes, "onnx_bytes": len(onnx_bytes), "error": str(caught.value),
+            "result": (result.path, result.num_nodes, result.num_qdq, result.size_bytes, len(result.findings)),
+            "checkpoint_equal": all(torch.equal(v, qmodel.state_dict()[k]) for k, v in loaded.state_dict().items()),
+            "unpicklable": f"{type(unpicklable.value).__name__}: {unpicklable.value}"}
+
+
+class _UnpicklableError(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("disk full")
+        self.callback = lambda: None  # a lambda does not pickle
+
+
+def _raise_unpicklable() -> None:
+    raise _UnpicklableError
 
 
 def test_exports_and_checkpoints_are_written_by_rank_0_for_every_rank(tmp_path):
@@ -136,3 +149,5 @@ def test_exports_and_checkpoints_are_written_by_rank_0_for_every_rank(tmp_path):
     assert rank0["error"] == rank1["error"] and "opset" in rank0["error"]
     assert rank0["checkpoint_equal"] and rank1["checkpoint_equal"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.onnx", "model.onnx", "qat.pt"]
+    assert rank0["unpicklable"] == "_UnpicklableError: disk full"
+    assert rank1["unpicklable"] == "DistributedError: writing a file failed on rank 0: _UnpicklableError: disk full"
