@@ -109,6 +109,7 @@ def _efqat_under_ddp(rank: int) -> dict:
         F.cross_entropy(ddp_model(inputs), targets).backward()
         optimizer.step()
     results["lwpn_after"] = efqat_state(qmodel)
+    results["broadcast_buffers"] = sorted(ddp_model.named_module_buffers)  # what DDP sends from rank 0 each step
     return results
 
 
@@ -132,6 +133,10 @@ def test_efqat_under_ddp_keeps_frozen_rows_and_refreshes_in_step():
         assert torch.equal(rows, alone["frozen"][name]), name
     for key, value in refreshed["state"].items():
         assert torch.allclose(value.float(), alone["state"][key].float(), rtol=1e-4, atol=1e-6), key
+    # EfQAT's state (identical on every rank) stays out of DDP's per-step buffer broadcast
+    broadcast = rank0["broadcast_buffers"]
+    assert "fc.weight_quantizer.scale" in broadcast or "conv2.weight_quantizer.zero_point" in broadcast
+    assert not [name for name in broadcast if "efqat" in name or "trainable_rows" in name], broadcast
     # LWPN: conv2 was frozen when DDP was built; after the refresh it trains, in step on both ranks
     assert rank0["lwpn_before"]["frozen"]["conv2"].numel() == 16 and rank0["lwpn_before"]["frozen"]["fc"] is None
     assert rank0["lwpn_refreshed"]["frozen"]["conv2"] is None and rank0["lwpn_refreshed"]["frozen"]["fc"].numel() == 16

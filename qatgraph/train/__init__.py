@@ -6,5 +6,6 @@
   (:func:`~.ddp.wrap_ddp`), sharded data, reduced history, rank-0 checkpoints.
 
 May import: :mod:`qatgraph.quant`, :mod:`qatgraph.progress`, :mod:`qatgraph.errors`,
-:mod:`qatgraph.distributed`, :mod:`qatgraph.atomic_files`.
+:mod:`qatgraph.distributed`, :mod:`qatgraph.atomic_files`, :mod:`qatgraph.efqat` (names of its
+state buffers).
 """

@@ -23,7 +23,8 @@ finished reduction") or waits; a parameter that does not need a gradient when DD
 never synchronized, even once it trains. :func:`wrap_ddp` therefore registers every parameter
 that may train at some point and turns on ``find_unused_parameters`` when one may skip a step.
 Partly frozen layers need neither: their masked ops give a full-size weight gradient (zero on
-the frozen rows, so the average over ranks is zero there too).
+the frozen rows, so the average over ranks is zero there too). EfQAT's state buffers, identical
+on every rank, are left out of DDP's per-step buffer broadcast.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from qatgraph.distributed import (
     unwrap,
     world_size,
 )
+from qatgraph.efqat.controller import STATE_BUFFERS
 from qatgraph.errors import DistributedError
 from qatgraph.quant.quantizer import FakeQuantizer
 
@@ -159,6 +161,7 @@ def wrap_ddp(qmodel: nn.Module, *, find_unused_parameters: bool | None = None,
         ddp_options.setdefault("device_ids", [device.index if device.index is not None else torch.cuda.current_device()])
     if find_unused_parameters is None:
         find_unused_parameters = _may_skip_gradients(qmodel)
+    _skip_efqat_state_in_buffer_broadcast(qmodel)
     with _every_trainable_parameter_registered(qmodel):
         wrapped = nn.parallel.DistributedDataParallel(qmodel, find_unused_parameters=find_unused_parameters,
                                                       **ddp_options)
@@ -204,6 +207,19 @@ def _every_trainable_parameter_registered(model: nn.Module) -> Iterator[None]:
     finally:
         for parameter in switched:
             parameter.requires_grad_(False)
+
+
+def _skip_efqat_state_in_buffer_broadcast(model: nn.Module) -> None:
+    """DDP broadcasts every buffer from rank 0 before each forward. EfQAT's state buffers (the row
+    selection and the snapshot of the frozen rows, most of the weights at small ratios) are the same
+    on every rank by construction (checked after every finetune epoch): broadcasting them each step
+    would cost about as much traffic as the gradients, so DDP is told to leave them out."""
+    controller = getattr(model, "qatgraph_freeze", None)
+    names = {f"{layer.name}.{buffer}" for layer in getattr(controller, "layers", [])
+             for buffer in ("trainable_rows", *STATE_BUFFERS)}
+    if names:
+        names |= set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
 
 
 def _check_user_ddp(model: nn.parallel.DistributedDataParallel) -> None:
