@@ -11,7 +11,8 @@ output is the symbolic ``batch`` when ``dynamic_batch``; the file passes
 ``onnx.checker.check_model(full_check=True)`` and is linted against the policy's target. The file
 is written atomically: the model goes to a temporary file in the destination directory, is
 checked and linted there, and only then ``os.replace``-d onto ``path``, so a failed export leaves
-no partial file and never clobbers an existing one.
+no partial file and never clobbers an existing one. Under ``torch.distributed`` only rank 0
+exports, and the other ranks return when the file is complete.
 
 Exporter choice (measured with torch 2.13, onnxscript 0.7, onnx 1.23, onnxruntime 1.32). Each
 quantizer is swapped for a module calling a ``torch.library`` custom op with one ONNX
@@ -47,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 from qatgraph.backends import onnx_qdq
 from qatgraph.backends.onnx_lint import TARGETS, Finding, format_findings
 from qatgraph.backends.onnx_lint import lint as lint_model
+from qatgraph.distributed import run_on_main, unwrap
 from qatgraph.errors import ExportError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -97,12 +99,23 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
     ``generic`` policy). ``strict``: raise :class:`ExportError` (writing nothing) when lint
     reports errors. ``exporter``: ``auto`` (dynamo for opset >= 18, TorchScript below),
     ``dynamo`` or ``torchscript``.
+
+    Under ``torch.distributed`` (:mod:`qatgraph.distributed`) rank 0 exports while the other
+    ranks wait; every rank returns the same :class:`ExportResult` (or raises the same error) once
+    the file is complete. Call it on every rank, or inside ``qatgraph.distributed.this_rank_only()``.
     """
+    return run_on_main(lambda: _export(qmodel, path, example_inputs, opset, dynamic_batch, lint, target, input_names,
+                                       output_names, check, strict, exporter),
+                       f"exporting {os.fspath(path)!r}")
+
+
+def _export(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, opset: int, dynamic_batch: bool,
+            lint: bool, target: str | None, input_names: list[str] | None, output_names: list[str] | None,
+            check: bool, strict: bool, exporter: str) -> ExportResult:
     exporter = _choose_exporter(exporter, opset)
     args = _as_args(example_inputs)
+    qmodel = unwrap(qmodel)  # DDP/DataParallel only scatter batches, and torch.onnx.export rejects them
     target = target or _policy_target(qmodel)
-    if isinstance(qmodel, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        qmodel = qmodel.module  # the wrappers only scatter batches, and torch.onnx.export rejects them
     if target not in TARGETS:
         raise ExportError(f"unknown lint target {target!r}{did_you_mean(target, TARGETS)}; use one of {', '.join(TARGETS)}")
     module, folded = onnx_qdq.prepare_for_export(qmodel, opset)

@@ -8,9 +8,11 @@
 """
 from __future__ import annotations
 
+from . import distributed  # qatgraph.distributed.setup(), this_rank_only(), ... after `import qatgraph`
 from .errors import (
     BackendUnavailableError,
     CalibrationError,
+    DistributedError,
     ExportError,
     NotCalibratedError,
     PolicyError,
@@ -28,18 +30,19 @@ from .sensitivity_analysis.recommend import SkipRecommendation, recommend_skip
 from .sensitivity_analysis.report import SensitivityReport
 from .sensitivity_analysis.scores import sensitivity
 from .summary import Summary, summary
+from .train.ddp import wrap_ddp
 from .train.finetune import FinetuneHistory, finetune, recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "calibrate", "summary", "Summary", "finetune", "recipe", "FinetuneHistory",
+    "compile", "calibrate", "summary", "Summary", "finetune", "recipe", "FinetuneHistory", "wrap_ddp", "distributed",
     "sensitivity", "recommend_skip", "apply_skip", "SensitivityReport", "SkipRecommendation",
     "export_onnx", "ExportResult", "check_parity", "ParityReport", "build_engine",
     "Policy", "QuantSpec", "LayerRule", "FreezeConfig", "SensitivityConfig", "TracingConfig",
     "FakeQuantizer", "iter_quantizers", "CompileInfo", "LayerDecision", "QatgraphWarning",
     "QatgraphError", "PolicyError", "TraceError", "CalibrationError", "NotCalibratedError", "ExportError",
-    "BackendUnavailableError", "SensitivityError",
+    "BackendUnavailableError", "SensitivityError", "DistributedError",
 ]
 
 # Backends last: they import the core modules above.

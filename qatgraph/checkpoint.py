@@ -4,13 +4,13 @@ A compiled model is a torch.fx GraphModule, which does not pickle portably, so a
 what is needed to *recompile* it (model factory ``package.module:factory``, optional FP weights,
 the policy as a dict, the example input shape) plus the compiled model's ``state_dict`` (weights,
 scales, quantizer flags). Loading uses ``torch.load(weights_only=True)``: no code is unpickled.
-Files are written atomically (temporary file, then rename).
+Files are written atomically (temporary file, then rename), under ``torch.distributed`` by rank 0
+while the other ranks wait for the finished file.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,8 @@ from torch import nn
 
 from qatgraph.policy import Policy
 
+from .atomic_files import torch_save as atomic_torch_save
+from .distributed import run_on_main, unwrap
 from .errors import QatgraphError
 from .pipeline import compile as compile_model
 
@@ -66,26 +68,17 @@ def load_factory(spec: str):
 
 
 def save_checkpoint(path: str | os.PathLike, qmodel: nn.Module, source: ModelSource, policy: Policy) -> None:
-    payload: dict[str, Any] = {
-        "format": FORMAT, "factory": source.factory, "weights": source.weights,
-        "input_shape": list(source.input_shape), "policy": policy.to_dict(), "state_dict": qmodel.state_dict(),
-    }
-    atomic_torch_save(payload, path)
+    """Write the checkpoint atomically; under ``torch.distributed`` rank 0 writes it and every rank
+    returns once the file is complete (call it on every rank)."""
+    def write() -> None:
+        payload: dict[str, Any] = {
+            "format": FORMAT, "factory": source.factory, "weights": source.weights,
+            "input_shape": list(source.input_shape), "policy": policy.to_dict(),
+            "state_dict": unwrap(qmodel).state_dict(),
+        }
+        atomic_torch_save(payload, path)
 
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    run_on_main(write, f"saving the checkpoint {os.fspath(path)!r}")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, ModelSource, Policy]:

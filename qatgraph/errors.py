@@ -42,6 +42,11 @@ class SensitivityError(QatgraphError):
     """Sensitivity analysis got input it cannot work with."""
 
 
+class DistributedError(QatgraphError, RuntimeError):
+    """Processes of a ``torch.distributed`` group disagree (different data, steps or models), or a
+    step failed on another rank."""
+
+
 def did_you_mean(value: str, choices: Iterable[str], limit: int = 3) -> str:
     """A short suffix suggesting close matches, e.g. `` (did you mean 'layer1.conv1'?)``."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=limit, cutoff=0.5)

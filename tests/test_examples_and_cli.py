@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -26,6 +27,28 @@ def test_resnet_example_runs(tmp_path):
     assert process.returncode == 0, process.stderr[-3000:]
     assert "0 lint errors" in process.stdout and "ORT parity" in process.stdout
     assert (tmp_path / "sensitivity" / "sensitivity.html").exists()
+
+
+@pytest.mark.slow
+def test_ddp_example_runs_on_two_cpu_processes(tmp_path):
+    """torchrun --standalone (a free port of its own) starts 2 gloo processes; the whole process group
+    is killed if it outlives the time limit."""
+    env = {**os.environ, "QATGRAPH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               os.path.join(ROOT, "examples", "ddp_qat.py"), "--small", "--efqat", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-4000:]
+    assert "2 rank(s) on cpu" in stdout and "0 lint errors" in stdout and "EfQAT: 56 of 224 rows train" in stdout
+    assert stdout.count("exported") == 1, "only rank 0 prints"
+    for name in ("model_int8.onnx", "finetune.pt", "sensitivity/sensitivity.html"):
+        assert (tmp_path / name).exists(), name
 
 
 def _tiny_model_module(tmp_path) -> str:

@@ -6,5 +6,5 @@
 The operators whose backward computes partial weight gradients live one floor down, in
 :mod:`qatgraph.ops.partial_grad` (the quantized layers call them, and the controller only decides
 which rows they get). May import: :mod:`qatgraph.quant`, :mod:`qatgraph.ops`,
-:mod:`qatgraph.policy`, :mod:`qatgraph.errors`.
+:mod:`qatgraph.policy`, :mod:`qatgraph.errors`, :mod:`qatgraph.distributed`.
 """

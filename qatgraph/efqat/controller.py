@@ -16,6 +16,9 @@ would still move them, so a global optimizer post-step hook restores them (and t
 weight-scale entries) from a snapshot taken at each refresh — whatever loop and optimizer the
 user has. The snapshot is refreshed with the importance, every ``interval`` training samples,
 counted by a forward pre-hook on the model (a counter: nothing else runs between refreshes).
+Under ``torch.distributed`` the count is of the samples of all ranks (each rank's batch times the
+number of ranks), so every rank refreshes at the same step; the ranks' weights being identical
+under DDP, so are their selections.
 
 Every tensor of that state is a non-persistent buffer of the layer it belongs to
 (``trainable_rows``, ``efqat_frozen_rows``, ``efqat_weight_snapshot``, ``efqat_scale_snapshot``):
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from qatgraph.distributed import is_main_process, world_size
 from qatgraph.policy import FreezeConfig
 from qatgraph.quant.qmodules import CONV_TRANSPOSE_TYPES, QuantWeightMixin
 
@@ -128,8 +132,9 @@ class FreezeController:
             self._apply(layer, selections.get(id(layer), "all"))
         self.samples_since_refresh = 0
         self.refreshes += 1
-        log.info("qatgraph EfQAT (%s, ratio %.3g): %d of %d rows train", mode, ratio, self.trainable_rows,
-                 self.total_rows)
+        if is_main_process():  # every rank refreshes alike: one line, not one per rank
+            log.info("qatgraph EfQAT (%s, ratio %.3g): %d of %d rows train", mode, ratio, self.trainable_rows,
+                     self.total_rows)
 
     def _network_rows(self, ratio: float) -> dict[int, torch.Tensor]:
         eligible = [layer for layer in self.layers if layer.partial_ok]
@@ -198,7 +203,11 @@ class FreezeController:
         if getattr(self, "removed", False) or not module.training or not torch.is_grad_enabled():
             return
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        self.samples_since_refresh += int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+        batch = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+        # Under DDP each rank runs the same step on its own (equal-sized, as DistributedSampler makes
+        # them) batch: counting the step's samples over all ranks makes every rank refresh at the same
+        # step, the one where a single process on the whole batch would.
+        self.samples_since_refresh += batch * world_size()
         if self.samples_since_refresh >= self.config.interval:
             self.refresh()
 

@@ -4,8 +4,9 @@
 * :mod:`.calibrators`, :mod:`.histograms`, :mod:`.mse_search` — max / percentile / entropy / MSE
   ranges from observed tensors;
 * :mod:`.qmodules` — quantized Conv/ConvTranspose/Linear classes swapped in place of torch's;
+* :mod:`.calibration_merge` — merging calibration statistics across ``torch.distributed`` ranks;
 * :mod:`.calibrate` — :func:`qatgraph.calibrate`: run data through a compiled model.
 
 May import: :mod:`qatgraph.policy`, :mod:`qatgraph.ops`, :mod:`qatgraph.errors`,
-:mod:`qatgraph.progress`. Knows nothing of graphs, passes or backends.
+:mod:`qatgraph.progress`, :mod:`qatgraph.distributed`. Knows nothing of graphs, passes or backends.
 """

@@ -9,9 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from qatgraph.distributed import all_reduce, gather_failures, is_main_process, unwrap
 from qatgraph.errors import CalibrationError
 from qatgraph.progress import progress
 
+from .calibration_merge import merge_across_processes
 from .quantizer import FakeQuantizer, iter_quantizers
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,19 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     gradients; at most ``num_batches`` batches. Weight scales are recomputed from the current
     weights. Scales change only if every quantizer calibrates successfully. Returns each
     activation quantizer's amax (its clipping threshold).
+
+    Under a ``torch.distributed`` process group (:mod:`qatgraph.distributed`) each rank passes
+    its own shard (``num_batches`` counts this rank's batches; a rank may have fewer, or none) and
+    the statistics are merged across ranks, so every rank ends with the same scales: those one
+    process computes from all the shards, exactly for ``max``; for ``percentile``, ``entropy``
+    and ``mse`` the merged histogram is the histogram of all the shards to within a bin (see
+    :mod:`qatgraph.quant.calibration_merge`). Call it on every rank. A
+    ``DistributedDataParallel`` wrapper is looked through: its forward would synchronize buffers
+    on every batch.
     """
     if num_batches is not None and num_batches <= 0:
         raise CalibrationError(f"num_batches={num_batches}: use a positive number of batches (or None for all)")
+    model = unwrap(model)
     quantizers = [(n, q) for n, q in iter_quantizers(model) if q.is_enabled]
     activations = [(n, q) for n, q in quantizers if not q.is_weight]
     for _, quantizer in quantizers:
@@ -73,16 +85,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     model.eval()
     for _, quantizer in activations:
         quantizer.start_calibration()
-    seen = 0
     try:
-        stream = itertools.islice(batches, num_batches) if num_batches is not None else batches
-        total = num_batches if num_batches is not None else _length(batches)
-        for item in progress(stream, total=total, desc="calibrating", unit="batch", enabled=show_progress):
-            run_batch(model, input_fn(item) if input_fn is not None else item, device)
-            seen += 1
+        seen = _collect(model, batches, num_batches, input_fn, device, show_progress)
         if seen == 0:
             raise CalibrationError("the calibration data yielded no batches: pass a non-empty iterable of input "
                                    "batches (e.g. a DataLoader or a list of tensors)")
+        merge_across_processes([q for _, q in activations])
         ranges = [(q, q.collected_range()) for _, q in activations]  # all or nothing
     finally:
         for _, quantizer in activations:
@@ -90,8 +98,25 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         model.train(was_training)
     for quantizer, (lo, hi) in ranges:
         quantizer.set_range(lo, hi)
-    log.info("qatgraph.calibrate: %d activation quantizers calibrated from %d batches", len(activations), seen)
+    if is_main_process():
+        log.info("qatgraph.calibrate: %d activation quantizers calibrated from %d batches", len(activations), seen)
     return {name: float(q.amax().max()) for name, q in activations}
+
+
+def _collect(model: nn.Module, batches: Iterable[Any], num_batches: int | None,
+             input_fn: Callable[[Any], Any] | None, device: torch.device | None, show_progress: bool) -> int:
+    """Run the batches through the collecting model; returns how many batches all ranks ran."""
+    seen, failure = 0, None
+    try:
+        stream = itertools.islice(batches, num_batches) if num_batches is not None else batches
+        total = num_batches if num_batches is not None else _length(batches)
+        for item in progress(stream, total=total, desc="calibrating", unit="batch", enabled=show_progress):
+            run_batch(model, input_fn(item) if input_fn is not None else item, device)
+            seen += 1
+    except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it before the merge's collectives
+        failure = exc
+    gather_failures(failure, "calibration")
+    return int(all_reduce(torch.tensor([seen], dtype=torch.float64), "sum")[0])
 
 
 def _recalibrate_weight(model: nn.Module, quantizer: FakeQuantizer) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from typing import ClassVar
 
 import torch
@@ -121,6 +122,29 @@ class Calibrator(abc.ABC):
                                    "per-channel calibration needs the same channel count in every batch")
         return rows
 
+    # ---------------------------------------------------- merging other processes' statistics
+    # Two rounds, each one elementwise reduction across processes of float64 CPU vectors whose
+    # length depends only on the spec and the channel count, so every process's vectors line up
+    # (qatgraph/quant/calibration_merge.py concatenates them over all quantizers):
+    # 1. extremes(): (minima, maxima), reduced by MIN and MAX, handed to agree_extremes(); a
+    #    histogram re-bins itself onto the agreed range there;
+    # 2. sums(): reduced by SUM, handed to take_sums() (batch counts, histogram counts).
+    # Subclasses append their own entries after their base class's.
+    def extremes(self, channels: int) -> tuple[Tensor, Tensor]:
+        """(values merged by minimum, values merged by maximum); ``channels`` is 1 per tensor."""
+        return _float64([]), _float64([])
+
+    def agree_extremes(self, minima: Tensor, maxima: Tensor) -> None:
+        """Take the minima and maxima over all processes (the layout of :meth:`extremes`)."""
+
+    def sums(self) -> Tensor:
+        """Values merged by summation, after :meth:`agree_extremes`."""
+        return _float64([self._num_batches])
+
+    def take_sums(self, sums: Tensor) -> None:
+        """Take the sums over all processes (the layout of :meth:`sums`)."""
+        self._num_batches = int(sums[0])
+
     @abc.abstractmethod
     def _reset_state(self) -> None:
         """Forget everything collected."""
@@ -157,6 +181,22 @@ class MaxCalibrator(Calibrator):
             return torch.maximum(-self._min, self._max)
         return self._min, self._max
 
+    def extremes(self, channels: int) -> tuple[Tensor, Tensor]:
+        minima, maxima = super().extremes(channels)
+        if self._min is None or self._max is None:  # no data here: the identities of min and max
+            own_min, own_max = _float64([math.inf] * channels), _float64([-math.inf] * channels)
+        else:  # float32 -> float64 is exact, so merging is exact
+            own_min = self._min.reshape(-1).to("cpu", torch.float64)
+            own_max = self._max.reshape(-1).to("cpu", torch.float64)
+        return torch.cat([minima, own_min]), torch.cat([maxima, own_max])
+
+    def agree_extremes(self, minima: Tensor, maxima: Tensor) -> None:
+        # the base class contributes no extremes: all of them are this calibrator's
+        if torch.isinf(minima).all():  # no process saw data
+            return
+        shape = () if self.axis is None else (minima.numel(),)
+        self._min, self._max = minima.float().reshape(shape), maxima.float().reshape(shape)
+
 
 class _HistogramCalibrator(Calibrator):
     """Per tensor: a histogram of |x| (symmetric) or x; per channel: the raw rows, on the CPU."""
@@ -170,6 +210,25 @@ class _HistogramCalibrator(Calibrator):
             self._rows.append(values.to("cpu", copy=True))
         else:
             self._histogram.add(values.abs() if self.spec.symmetric else values)
+
+    def extremes(self, channels: int) -> tuple[Tensor, Tensor]:
+        if self.axis is not None:
+            raise CalibrationError(f"per-channel {self.name} calibration keeps the raw rows and is not merged across "
+                                   "processes; calibrate per tensor, or per channel with the max calibrator")
+        minima, maxima = super().extremes(channels)
+        return torch.cat([minima, _float64([self._histogram.lo])]), torch.cat([maxima, _float64([self._histogram.hi])])
+
+    def agree_extremes(self, minima: Tensor, maxima: Tensor) -> None:
+        super().agree_extremes(minima[:-1], maxima[:-1])
+        self._histogram.agree_range(float(minima[-1]), float(maxima[-1]))
+
+    def sums(self) -> Tensor:
+        return torch.cat([super().sums(), self._histogram.sums()])
+
+    def take_sums(self, sums: Tensor) -> None:
+        own = self._histogram.num_bins + 1
+        super().take_sums(sums[:-own])
+        self._histogram.take_sums(sums[-own:])
 
 
 class PercentileCalibrator(_HistogramCalibrator):
@@ -209,6 +268,14 @@ class EntropyCalibrator(_HistogramCalibrator):
         self._min, self._max = min(self._min, batch_min), max(self._max, batch_max)
         # |x| lies in [0, max(-min, max)]: pass it so the histogram needs no second device sync
         self._histogram.add(values.abs(), 0.0, max(-batch_min, batch_max))
+
+    def extremes(self, channels: int) -> tuple[Tensor, Tensor]:
+        minima, maxima = super().extremes(channels)
+        return torch.cat([minima, _float64([self._min])]), torch.cat([maxima, _float64([self._max])])
+
+    def agree_extremes(self, minima: Tensor, maxima: Tensor) -> None:
+        super().agree_extremes(minima[:-1], maxima[:-1])
+        self._min, self._max = float(minima[-1]), float(maxima[-1])
 
     def _compute_range(self) -> Tensor | tuple[Tensor, Tensor]:
         histogram = self._histogram
@@ -250,6 +317,10 @@ class MseCalibrator(_HistogramCalibrator):
 
 CALIBRATOR_TYPES: dict[str, type[Calibrator]] = {
     klass.name: klass for klass in (MaxCalibrator, PercentileCalibrator, EntropyCalibrator, MseCalibrator)}
+
+
+def _float64(values: list[float]) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def make_calibrator(spec: QuantSpec, axis: int | None = None) -> Calibrator:

@@ -4,6 +4,9 @@
   bins. When a batch falls outside the range, the range grows to fit and the old counts are
   re-binned by interpolating their cumulative counts, so the counts match a histogram of all
   batches to within about a bin. Counts are float64 on the device of the first non-zero batch.
+  Histograms of several processes merge in two steps: :meth:`_Histogram.agree_range` (each
+  re-bins onto the union of the ranges, as a later batch beyond the range would make it do),
+  then a bin-by-bin sum of :meth:`_Histogram.sums`.
 * :func:`_histogram_quantile` / :func:`_rows_quantile`: quantiles of a histogram (linear within
   a bin) and of raw per-channel rows (linear between order statistics, torch.quantile's default).
 * :func:`_kl_threshold_bin`: TensorRT's entropy (KL-divergence) threshold on a histogram of |x|,
@@ -44,6 +47,30 @@ class _Histogram:
             self._regrow(lo, hi)
         batch = torch.histc(values.to(self.counts.device), bins=self.num_bins, min=self.lo, max=self.hi)
         self.counts += batch.double()
+
+    def agree_range(self, lo: float, hi: float) -> None:
+        """Re-bin onto ``[lo, hi]``, a superset of this range that every process agreed on (the
+        minimum of the processes' ``lo`` and the maximum of their ``hi``), so that the counts of
+        all processes can be summed bin by bin."""
+        if lo == hi:  # every process saw only zeros: nothing to bin
+            return
+        if self.counts is None:  # only zeros here: they go to the bin of zero, as in add()
+            self.lo, self.hi = lo, hi
+            self.counts = torch.zeros(self.num_bins, dtype=torch.float64)
+            self.counts[self._bin_of_zero()] += self.zero_mass
+        elif lo < self.lo or hi > self.hi:
+            self._regrow(lo, hi)
+
+    def sums(self) -> Tensor:
+        """``[zero_mass, *counts]`` (zeros for counts while there are none), float64 on the CPU."""
+        counts = self.counts.cpu() if self.counts is not None else torch.zeros(self.num_bins, dtype=torch.float64)
+        return torch.cat([torch.tensor([self.zero_mass], dtype=torch.float64), counts])
+
+    def take_sums(self, sums: Tensor) -> None:
+        """Take the bin-by-bin sums over all processes (after :meth:`agree_range`)."""
+        self.zero_mass = float(sums[0])
+        if self.counts is not None:
+            self.counts = sums[1:].to(self.counts.device, torch.float64)
 
     def edges(self, device: torch.device | str = "cpu") -> Tensor:
         return torch.linspace(self.lo, self.hi, self.num_bins + 1, dtype=torch.float64, device=device)

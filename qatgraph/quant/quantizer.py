@@ -199,10 +199,16 @@ class FakeQuantizer(nn.Module):
         self._batches_seen = 0
         self.collecting = True
 
+    @property
+    def calibrator(self) -> Calibrator | None:
+        """The calibrator collecting statistics (between start and stop of calibration), else None."""
+        return self._calibrator
+
     def collected_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The range the calibrator settled on; raises if this quantizer saw no data."""
         calibrator = self._calibrator
-        if calibrator is None or self._batches_seen == 0:
+        # the calibrator's count, not _batches_seen: it includes other processes' batches once merged
+        if calibrator is None or calibrator.num_batches == 0:
             raise CalibrationError(
                 f"quantizer {self.name!r} saw no data during calibration: the layer it feeds never ran. "
                 "Check that the calibration batches exercise this part of the model (e.g. a branch taken only "

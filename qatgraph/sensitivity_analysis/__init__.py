@@ -6,10 +6,12 @@ Floors, bottom up (each module imports only those below it):
 * :mod:`.data` — batches, outputs, metrics, the resumable result cache (``ResultLog``);
 * :mod:`.recommend` — :class:`SkipRecommendation` and the greedy :func:`recommend_skip`;
 * :mod:`.report` — :class:`SensitivityReport` and the JSON/Markdown/HTML files people read;
+* :mod:`.sharing` — the probes shared among ``torch.distributed`` ranks, results gathered;
 * :mod:`.scores` — :func:`qatgraph.sensitivity` and ``auto_skip``.
 
 May import: :mod:`qatgraph.quant`, :mod:`qatgraph.graph`, :mod:`qatgraph.passes` (names only),
-:mod:`qatgraph.info`, :mod:`qatgraph.policy`, :mod:`qatgraph.progress`, :mod:`qatgraph.errors`.
+:mod:`qatgraph.info`, :mod:`qatgraph.policy`, :mod:`qatgraph.progress`, :mod:`qatgraph.errors`,
+:mod:`qatgraph.distributed`, :mod:`qatgraph.atomic_files`.
 """
 from __future__ import annotations
 

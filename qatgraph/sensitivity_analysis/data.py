@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qatgraph.distributed import broadcast_object, is_main_process
 from qatgraph.errors import SensitivityError
 from qatgraph.info import CompileInfo
 from qatgraph.quant.calibrate import run_batch
@@ -119,7 +120,13 @@ def _result_log(cache_dir: str | os.PathLike | None, model: nn.Module, info: Com
                 options: dict[str, Any]) -> ResultLog:
     if cache_dir is None:
         return ResultLog(None)  # no fingerprint: hashing every weight is wasted work without a cache
-    return ResultLog(os.path.join(cache_dir, f"sensitivity-{_fingerprint(model, info, items, options)}.jsonl"))
+    if not is_main_process():  # under torch.distributed rank 0 alone reads and writes the file ...
+        log = ResultLog(None)
+        log.records = broadcast_object(None)
+        return log
+    log = ResultLog(os.path.join(cache_dir, f"sensitivity-{_fingerprint(model, info, items, options)}.jsonl"))
+    broadcast_object(log.records)  # ... and every rank starts from what it holds (a no-op for one process)
+    return log
 
 
 def _fingerprint(model: nn.Module, info: CompileInfo, batches: list[Any], options: dict[str, Any]) -> str:
@@ -176,15 +183,27 @@ class ResultLog:
 
     def get_or_compute(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
         """The logged value, or ``compute()``, logged before it is returned."""
-        record_id = f"{kind}:{key}"
-        if record_id in self.records:
-            self.hits += 1
-            return self.records[record_id]
+        found, value = self.lookup(kind, key)
+        if found:
+            return value
         value = compute()
+        self.add(kind, key, value)
+        return value
+
+    def lookup(self, kind: str, key: str) -> tuple[bool, Any]:
+        """``(True, value)`` for a logged result (counted as a cache hit), else ``(False, None)``."""
+        record_id = f"{kind}:{key}"
+        if record_id not in self.records:
+            return False, None
+        self.hits += 1
+        return True, self.records[record_id]
+
+    def add(self, kind: str, key: str, value: Any) -> None:
+        """Log a finished result (appended to the file at once, when there is one)."""
+        record_id = f"{kind}:{key}"
         self.records[record_id] = value
         if self.path is not None:
             self._append(json.dumps({"id": record_id, "value": value}) + "\n")
-        return value
 
     def _append(self, text: str) -> None:
         assert self.path is not None

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qatgraph.atomic_files import write_text
+from qatgraph.distributed import run_on_main
 from qatgraph.errors import SensitivityError
 
 from .recommend import SkipRecommendation, recommend_skip
@@ -105,15 +107,21 @@ class SensitivityReport:
     def save(self, directory: str | os.PathLike, skip: list[str] | None = None) -> dict[str, Path]:
         """Write sensitivity.json/.md/.html into ``directory`` (created if needed); returns the paths.
 
-        ``skip`` (default: the recommendation's skip list) is highlighted in the chart and table."""
+        ``skip`` (default: the recommendation's skip list) is highlighted in the chart and table.
+        Each file is written atomically; under ``torch.distributed`` rank 0 writes them and every
+        rank returns once they are complete (call it on every rank)."""
         skip = list(skip if skip is not None else self.recommendation.skip if self.recommendation else [])
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         paths = {"json": directory / "sensitivity.json", "md": directory / "sensitivity.md",
                  "html": directory / "sensitivity.html"}
-        _write_atomic(paths["json"], json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        _write_atomic(paths["md"], self.markdown(skip))
-        _write_atomic(paths["html"], self.html(skip))
+
+        def write() -> None:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_text(paths["json"], json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+            write_text(paths["md"], self.markdown(skip))
+            write_text(paths["html"], self.html(skip))
+
+        run_on_main(write, f"saving the sensitivity report to {str(directory)!r}")
         return paths
 
     # ----------------------------------------------------------------- rendering
@@ -235,12 +243,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -29,10 +29,17 @@ not available for functional matmuls (no module to hook).
 ``score = metric_without - metric_int8``. With ``top_k`` only the k layers ranked worst by the
 fast tier get full evaluations and rank first; the rest follow in fast order.
 
+**Processes.** Under a ``torch.distributed`` group (:mod:`qatgraph.distributed`) every rank
+calls ``sensitivity`` with the same model and the same samples; the per-layer probes (and the
+gradient tier's batches) are shared among the ranks and their results gathered, so the report
+is the one a single process computes, and each rank runs ``1 / ranks`` of the probes
+(:mod:`.sharing`). ``recommend_skip`` is not shared: every rank runs the same greedy search.
+
 **Cache.** With ``cache_dir``, results go to ``<cache_dir>/sensitivity-<fingerprint>.jsonl``
-(one JSON line per result, flushed and fsynced) keyed by a sha256 over the state_dict, the
-policy, the data and the options, so a rerun or a crashed run resumes. The metric and loss
-functions enter the fingerprint by qualified name only: clear the cache after editing them.
+(one JSON line per result, flushed and fsynced; rank 0's alone under torch.distributed) keyed by
+a sha256 over the state_dict, the policy, the data and the options, so a rerun or a crashed run
+resumes. The metric and loss functions enter the fingerprint by qualified name only: clear the
+cache after editing them.
 """
 from __future__ import annotations
 
@@ -48,9 +55,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from qatgraph.distributed import unwrap
 from qatgraph.errors import SensitivityError, did_you_mean
 from qatgraph.policy import SensitivityConfig
-from qatgraph.progress import progress
 from qatgraph.quant.calibrate import model_device, run_batch
 from qatgraph.quant.quantizer import FakeQuantizer, iter_quantizers
 
@@ -77,6 +84,7 @@ from .probes import (
 )
 from .recommend import SkipRecommendation, recommend_skip
 from .report import SensitivityReport
+from .sharing import check_same_everywhere, shared_map, shared_results
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +100,10 @@ def sensitivity(qmodel: nn.Module, data: Iterable[Any], metric: Metric | None = 
                 show_progress: bool = True) -> SensitivityReport:
     """Rank the quantized layers of ``qmodel`` by how much their quantization hurts (see the module doc)."""
     _check_options(mode, metric, num_samples, top_k)
+    qmodel = unwrap(qmodel)
     info, probe = _compile_info(qmodel), _Probe(qmodel)
     batches, items, count = _materialize(data, input_fn, num_samples, model_device(qmodel))
+    check_same_everywhere(qmodel, items)
     options = {"mode": mode, "num_samples": count, "gradient": gradient, "top_k": top_k, "layers": probe.layers,
                "metric": _qualname(metric), "loss_fn": _qualname(loss_fn), "version": 1}
     results = _result_log(cache_dir, qmodel, info, items, options)  # items, not batches: labels matter to loss_fn
@@ -181,44 +191,58 @@ class _Run:
 
         def measure(layer: str) -> dict[str, float]:
             probe.enable_only(layer)
-            only = self.nmse()
+            only = _output_nmse(self.model, self.batches, self.references)
             probe.enable_all_but([layer])
-            return {"nmse_only": only, "nmse_all_but": self.nmse()}
+            return {"nmse_only": only, "nmse_all_but": _output_nmse(self.model, self.batches, self.references)}
 
         nmse_all = self.log.get_or_compute("fast", "<all quantized>", lambda: (probe.restore(), self.nmse())[1])
         self.baseline.update(nmse_all=nmse_all, sqnr_all_db=_sqnr_db(nmse_all))
-        for layer in self._progress(probe.layers, "fast"):
-            result = dict(self.log.get_or_compute("fast", layer, lambda layer=layer: measure(layer)))
+        hits = self.log.hits
+        results = shared_results(self.log, "fast", probe.layers, measure, description="sensitivity (fast)",
+                                 show_progress=self.show_progress)
+        # counted here, not in measure(): under torch.distributed each rank runs only its share
+        self.baseline["forward_passes"] += 2 * (len(probe.layers) - (self.log.hits - hits))
+        for layer in probe.layers:
+            result = dict(results[layer])
             drop = nmse_all - result["nmse_all_but"]
             result.update(sqnr_only_db=_sqnr_db(result["nmse_only"]), sqnr_all_but_db=_sqnr_db(result["nmse_all_but"]),
                           error_drop=drop, score_fast=result["nmse_only"] + max(drop, 0.0))
             self.details[layer].update(result)
 
     def full_tier(self, metric: Metric, layers: list[str]) -> None:
-        def evaluate(configure: Callable[[], None], what: str) -> Callable[[], float]:
-            return lambda: (configure(), _evaluate(metric, self.model, what))[1]
-
         probe, baseline = self.probe, self.baseline
-        baseline["metric_int8"] = self.log.get_or_compute("full", "<all quantized>",
-                                                          evaluate(probe.restore, "the fully quantized model"))
-        baseline["metric_fp"] = self.log.get_or_compute("full", "<floating point>",
-                                                        evaluate(probe.disable_all, "the floating-point model"))
-        for layer in self._progress(layers, "full"):
-            without = self.log.get_or_compute("full", layer, evaluate(
-                lambda layer=layer: probe.enable_all_but([layer]), f"the model with {layer!r} skipped"))
-            self.details[layer].update(metric_without=without, metric_gain=without - baseline["metric_int8"])
+        configurations: dict[str, tuple[Callable[[], None], str]] = {
+            "<all quantized>": (probe.restore, "the fully quantized model"),
+            "<floating point>": (probe.disable_all, "the floating-point model"),
+            **{layer: (lambda layer=layer: probe.enable_all_but([layer]), f"the model with {layer!r} skipped")
+               for layer in layers}}
+
+        def evaluate(key: str) -> float:
+            configure, what = configurations[key]
+            configure()
+            return _evaluate(metric, self.model, what)
+
+        values = shared_results(self.log, "full", list(configurations), evaluate, description="sensitivity (full)",
+                                show_progress=self.show_progress)
+        baseline["metric_int8"], baseline["metric_fp"] = values["<all quantized>"], values["<floating point>"]
+        for layer in layers:
+            self.details[layer].update(metric_without=values[layer], metric_gain=values[layer] - baseline["metric_int8"])
         baseline["metric_evaluations"] = len(layers) + 2
 
     def gradient_tier(self, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> None:
         modules = dict(self.model.named_modules())
         targets = {layer: modules[layer] for layer in self.probe.layers if isinstance(modules.get(layer), nn.Module)}
 
+        def batch_scores(index: int) -> dict[str, float]:
+            return _fisher_batch(self.model, targets, self.probe.modules.values(), self.batches[index],
+                                 self.items[index], self.references[index], loss_fn)
+
         def compute() -> dict[str, float]:
             self.probe.restore()
             totals, samples = dict.fromkeys(targets, 0.0), 0
-            for batch, item, reference in zip(self.batches, self.items, self.references):
-                scores = _fisher_batch(self.model, targets, self.probe.modules.values(), batch, item, reference,
-                                       loss_fn)
+            # the batches are shared among the ranks; the sums run in batch order, as in one process
+            for batch, scores in zip(self.batches, shared_map(list(range(len(self.batches))), batch_scores,
+                                                              what="sensitivity (gradient)")):
                 for layer, value in scores.items():
                     totals[layer] += value
                 samples += _batch_size(batch) or 1
@@ -228,10 +252,6 @@ class _Run:
         fisher = self.log.get_or_compute("gradient", "<all layers>", compute)
         for layer in self.probe.layers:
             self.details[layer]["fisher"] = fisher.get(layer)
-
-    def _progress(self, layers: list[str], tier: str) -> Iterable[str]:
-        return progress(layers, total=len(layers), desc=f"sensitivity ({tier})", unit="layer",
-                        enabled=self.show_progress)
 
 
 def _fisher_batch(model: nn.Module, targets: dict[str, nn.Module], quantizers: Iterable[FakeQuantizer], batch: Any,

@@ -10,7 +10,8 @@
 * BatchNorm statistics frozen after ``freeze_bn_fraction`` of the steps, quantizer ranges after
   ``freeze_quantizers_fraction`` (both configurable, ``None`` never);
 * gradient clipping, AMP (bf16 or fp16 with a grad scaler) on CUDA, EfQAT refresh through the
-  model's freeze controller (it counts samples itself), a progress bar and a history.
+  model's freeze controller (it counts samples itself), a progress bar and a history;
+* under ``torch.distributed``, DistributedDataParallel and sharded data (:mod:`.ddp`).
 
 Every piece is usable in a hand-written loop: :func:`recipe` returns the learning-rate
 schedule, :func:`split_parameters` the two parameter groups, :func:`freeze_batchnorm` and
@@ -19,6 +20,7 @@ schedule, :func:`split_parameters` the two parameter groups, :func:`freeze_batch
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ from qatgraph.errors import QatgraphError
 from qatgraph.progress import progress
 from qatgraph.quant.calibrate import _to_device, model_device
 from qatgraph.quant.quantizer import FakeQuantizer
+
+from .ddp import check_equal_steps, prepare
 
 
 def recipe(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int | None = None,
@@ -100,19 +104,32 @@ class FinetuneHistory:
 def finetune(qmodel: nn.Module, train_loader: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor], *,
              epochs: int, base_lr: float, val_loader: Iterable[Any] | None = None,
              metric: Callable[[nn.Module, Iterable[Any]], float] | None = None, show_progress: bool = True,
+             ddp: bool | None = None, checkpoint_path: str | os.PathLike | None = None,
              **options: Any) -> FinetuneHistory:
     """Fine-tune a calibrated QAT model with the recipe above; returns the per-epoch history.
 
     ``train_loader`` yields ``(inputs, targets)``; ``loss_fn(outputs, targets)``; ``metric(model,
     val_loader)`` returns a score (e.g. accuracy) evaluated after each epoch. ``options`` are the
     fields of :class:`FinetuneConfig` (``momentum``, ``weight_decay``, ``quantizer_lr``, ...).
+    ``checkpoint_path``: after every epoch, ``{"format", "epoch", "state_dict", "history"}`` is
+    written there atomically (``torch.load(path, weights_only=True)`` reads it).
+
+    Under a ``torch.distributed`` group (every rank calls ``finetune``; see
+    :mod:`qatgraph.train.ddp`) the model trains through ``DistributedDataParallel`` (``ddp=None``
+    wraps it when the group has several ranks, ``True`` always, ``False`` never; a model already
+    wrapped is used as it is), a plain ``DataLoader`` is sharded with a ``DistributedSampler``,
+    the history holds the loss over all ranks and the mean of the ranks' metric values (the same
+    on every rank), and rank 0 alone shows progress and writes the checkpoint.
     """
     try:
         config = FinetuneConfig(epochs=epochs, base_lr=base_lr, **options)
     except TypeError as exc:
         valid = ", ".join(f for f in FinetuneConfig.__dataclass_fields__ if f not in ("epochs", "base_lr"))
         raise QatgraphError(f"finetune: {exc}; valid options are {valid}") from None
+    processes = prepare(qmodel, train_loader, ddp)
+    qmodel, train_loader = processes.compiled, processes.loader
     steps_per_epoch = _length(train_loader)
+    check_equal_steps(steps_per_epoch)
     total_steps = epochs * steps_per_epoch
     weights, quantizer_params = split_parameters(qmodel)
     optimizer = torch.optim.SGD(weights, lr=base_lr * config.lr_scale, momentum=config.momentum,
@@ -125,6 +142,7 @@ def finetune(qmodel: nn.Module, train_loader: Iterable[Any], loss_fn: Callable[[
     history = FinetuneHistory()
     step = 0
     for epoch in range(epochs):
+        processes.start_epoch(epoch)
         qmodel.train()
         _apply_late_freezes(qmodel, config, step, total_steps)  # train() above re-enabled BN updates
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
@@ -132,20 +150,23 @@ def finetune(qmodel: nn.Module, train_loader: Iterable[Any], loss_fn: Callable[[
                                         unit="step", enabled=show_progress):
             inputs, targets = _to_device(inputs, device), _to_device(targets, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(qmodel(inputs), targets)
+                loss = loss_fn(processes.model(inputs), targets)
             _backward_and_step(loss, qmodel, optimizer, quantizer_optimizer, scaler, config.grad_clip)
             scheduler.step()
             step += 1
             _apply_late_freezes(qmodel, config, step, total_steps)
             loss_sum += float(loss.detach()) * _batch_size(inputs)
             seen += _batch_size(inputs)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": time.perf_counter() - started}
+        record = {"epoch": epoch + 1, "train_loss": processes.mean_loss(loss_sum, seen),
+                  "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
         if metric is not None and val_loader is not None:
             qmodel.eval()
             with torch.no_grad():
-                record["val_metric"] = float(metric(qmodel, val_loader))
+                record["val_metric"] = processes.mean_metric(float(metric(qmodel, val_loader)))
         history.epochs.append(record)
+        processes.check_efqat_agreement()
+        if checkpoint_path is not None:
+            processes.save_checkpoint(checkpoint_path, epoch + 1, history.epochs)
     qmodel.train()
     return history
 
