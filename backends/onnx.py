@@ -33,7 +33,6 @@ import io
 import itertools
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from onnx import numpy_helper
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from qatgraph.atomic_write import atomic_path, check_output_path
 from qatgraph.backends import onnx_qdq
 from qatgraph.backends.onnx_lint import TARGETS, Finding, format_findings
 from qatgraph.backends.onnx_lint import lint as lint_model
@@ -113,6 +113,7 @@ def _export(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, ops
             lint: bool, target: str | None, input_names: list[str] | None, output_names: list[str] | None,
             check: bool, strict: bool, exporter: str) -> ExportResult:
     exporter = _choose_exporter(exporter, opset)
+    check_output_path(path, "ONNX model")  # before the slow part: a directory or bad parent fails now
     args = _as_args(example_inputs)
     qmodel = unwrap(qmodel)  # DDP/DataParallel only scatter batches, and torch.onnx.export rejects them
     target = target or _policy_target(qmodel)
@@ -334,11 +335,7 @@ def _name_batch_dim(model: onnx.ModelProto) -> None:
 # ---------------------------------------------------------------------------- writing
 def _write_atomically(model: onnx.ModelProto, path: str, check: bool, target: str | None,
                       strict: bool) -> list[Finding]:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
+    with atomic_path(path, "ONNX model") as temporary:
         onnx.save(model, temporary)
         if check:
             try:
@@ -347,10 +344,6 @@ def _write_atomically(model: onnx.ModelProto, path: str, check: bool, target: st
                 raise ExportError(f"the exported model fails onnx.checker (nothing written to {path!r}): {exc}") from exc
         findings = lint_model(model, target) if target is not None else []
         _report_findings(findings, path, target, strict)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return findings
 
 

@@ -6,6 +6,9 @@ Catch :class:`QatgraphError` to handle all of them.
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import warnings
 from collections.abc import Iterable
 
 
@@ -30,6 +33,17 @@ class NotCalibratedError(QatgraphError, RuntimeError):
     """A quantizer was asked to fake-quantize before it had a scale."""
 
 
+class UsageError(QatgraphError, ValueError):
+    """qatgraph was called with something it cannot use: a path that is a directory, a file of the
+    wrong kind, inputs whose shape or structure does not fit the model, an already compiled model."""
+
+
+class StateMismatchError(QatgraphError, RuntimeError):
+    """A ``state_dict`` or checkpoint does not fit the model it is loaded into: a quantizer's format
+    (bits, signedness, symmetry, axis, channels) differs, or the two were compiled with policies
+    that quantize different layers."""
+
+
 class ExportError(QatgraphError):
     """Exporting the QAT model (ONNX, engine) failed."""
 
@@ -45,6 +59,28 @@ class SensitivityError(QatgraphError):
 class DistributedError(QatgraphError, RuntimeError):
     """Processes of a ``torch.distributed`` group disagree (different data, steps or models), or a
     step failed on another rank."""
+
+
+class QatgraphWarning(UserWarning):
+    """Warnings qatgraph emits (nothing quantized, fewer calibration batches than asked, ...)."""
+
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+# passes/ and backends/ are installed inside the package (and linked into it in a source checkout)
+_PACKAGE_DIRS = tuple({os.path.realpath(os.path.join(_ROOT, sub)) + os.sep for sub in ("", "passes", "backends")})
+
+
+def _inside_qatgraph(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(_PACKAGE_DIRS)
+
+
+def warn(message: str, category: type[Warning] = QatgraphWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside qatgraph (the user's line), not to
+    the qatgraph function that noticed the problem."""
+    frame, level = sys._getframe(0), 1  # level 1 is this function
+    while frame is not None and _inside_qatgraph(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def did_you_mean(value: str, choices: Iterable[str], limit: int = 3) -> str:
