@@ -70,8 +70,12 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 _PACKAGE_DIRS = tuple({os.path.realpath(os.path.join(_ROOT, sub)) + os.sep for sub in ("", "passes", "backends")})
 
 
+_DECORATOR_FILES = (os.sep + os.path.join("torch", "utils", "_contextlib.py"), os.sep + "contextlib.py")
+
+
 def _inside_qatgraph(filename: str) -> bool:
-    return os.path.realpath(filename).startswith(_PACKAGE_DIRS)
+    """qatgraph's own files, and the decorator wrappers (``torch.no_grad``) around its functions."""
+    return filename.endswith(_DECORATOR_FILES) or os.path.realpath(filename).startswith(_PACKAGE_DIRS)
 
 
 def warn(message: str, category: type[Warning] = QatgraphWarning) -> None:
@@ -89,6 +93,13 @@ def did_you_mean(value: str, choices: Iterable[str], limit: int = 3) -> str:
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 sample``, ``2 samples``, ``1 batch``, ``3 batches``."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {plural_form or (noun + 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else noun + 's')}"
 
 
 def listing(choices: Iterable[str], limit: int = 12) -> str:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from qatgraph.distributed import unwrap
-from qatgraph.errors import SensitivityError, did_you_mean
+from qatgraph.errors import SensitivityError, did_you_mean, plural, warn
 from qatgraph.policy import SensitivityConfig
 from qatgraph.quant.calibrate import model_device, run_batch
 from qatgraph.quant.quantizer import FakeQuantizer, iter_quantizers
@@ -104,6 +104,9 @@ def sensitivity(qmodel: nn.Module, data: Iterable[Any], metric: Metric | None = 
     info, probe = _compile_info(qmodel), _Probe(qmodel)
     batches, items, count = _materialize(data, input_fn, num_samples, model_device(qmodel))
     check_same_everywhere(qmodel, items)
+    if num_samples is not None and count < num_samples:
+        warn(f"qatgraph.sensitivity: num_samples={num_samples}, but the data held only {plural(count, 'sample')}; the "
+             "scores rest on those. Pass more data for a steadier ranking (or num_samples=None to use what there is).")
     options = {"mode": mode, "num_samples": count, "gradient": gradient, "top_k": top_k, "layers": probe.layers,
                "metric": _qualname(metric), "loss_fn": _qualname(loss_fn), "version": 1}
     results = _result_log(cache_dir, qmodel, info, items, options)  # items, not batches: labels matter to loss_fn
