@@ -15,7 +15,8 @@ Formats (``payload["format"]``):
 
 * ``qatgraph-checkpoint/2`` (written now): ``factory``, ``input_shape``, ``policy``,
   ``state_dict`` (with the quantizer formats as ``*._extra_state``), ``weights_source`` (the
-  ``--weights`` path the model was built from, a record only) and ``qatgraph_version``;
+  ``--weights`` path the model was built from, a record only), ``factory_file`` (where the
+  factory's module was imported from, named when it cannot be imported) and ``qatgraph_version``;
 * ``qatgraph-checkpoint/1``: the same without formats and version, and ``weights`` instead of
   ``weights_source``. Still loads; its weights path is not read either.
 """
@@ -24,6 +25,8 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from typing import Any
@@ -49,13 +52,14 @@ class ModelSource:
     factory: str
     weights: str | None
     input_shape: tuple[int, ...]
+    origin: str | None = None  # the factory module's file when the checkpoint was written (for error messages)
 
     def build(self, load_weights: bool = True) -> nn.Module:
         try:
-            model = load_factory(self.factory)()
+            model = load_factory(self.factory, self.origin)()
         except QatgraphError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the user's factory: any failure is explained the same way
+        except Exception as exc:
             raise UsageError(f"calling the model factory {self.factory}() failed: {type(exc).__name__}: {exc}. "
                              "It must be callable without arguments and return an nn.Module.") from exc
         if not isinstance(model, nn.Module):
@@ -100,26 +104,29 @@ def read_torch_file(path: str | os.PathLike, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()
-        blocked = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), "")
-        raise UsageError(f"the {what} {path!r} holds Python objects other than tensors ({blocked or 'see torch.load'}"
-                         "), and qatgraph loads files with weights_only=True because unpickling arbitrary objects "
-                         "runs code. Save only tensors: torch.save(model.state_dict(), path).") from None
+        blocked = re.search(r"GLOBAL ([\w.]+)", " ".join(reason))
+        found = f"e.g. a {blocked.group(1)}" if blocked else "not only tensors"
+        raise UsageError(f"the {what} {path!r} holds Python objects other than tensors ({found}), and qatgraph "
+                         "loads files with weights_only=True because unpickling arbitrary objects runs code. Save "
+                         "only tensors: torch.save(model.state_dict(), path).") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UsageError(f"the {what} {path!r} cannot be read ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'truncated'}); is it complete?") \
             from None
 
 
-def load_factory(spec: str):
-    """Import ``package.module:factory`` and return the callable."""
+def load_factory(spec: str, origin: str | None = None):
+    """Import ``package.module:factory`` and return the callable (``origin``: where it was found before)."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise UsageError(f"model {spec!r} must look like 'package.module:factory' (a callable returning an nn.Module)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        before = f" When the checkpoint was written it came from {origin!r}: run from the directory that holds " \
+                 "it (or its package), or add that directory to PYTHONPATH." if origin else ""
         raise UsageError(f"cannot import {module_name!r} for model {spec!r}: {exc}. Is it installed, on PYTHONPATH, "
-                         "or (for the qatgraph command) in the current directory?") from None
+                         f"or (for the qatgraph command) in the current directory?{before}") from None
     factory = getattr(module, attribute, None)
     if factory is None or not callable(factory):
         raise UsageError(f"{module_name!r} has no callable {attribute!r} (model {spec!r})")
@@ -131,9 +138,12 @@ def save_checkpoint(path: str | os.PathLike, qmodel: nn.Module, source: ModelSou
     returns once the file is complete (call it on every rank)."""
     from . import __version__
 
+    module = sys.modules.get(source.factory.partition(":")[0])
+
     def write() -> None:
         payload: dict[str, Any] = {
             "format": FORMAT, "factory": source.factory, "weights_source": source.weights,
+            "factory_file": getattr(module, "__file__", None) or source.origin,
             "input_shape": list(source.input_shape), "policy": policy.to_dict(),
             "state_dict": unwrap(qmodel).state_dict(), "qatgraph_version": __version__,
         }
@@ -156,7 +166,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, ModelSource, Po
         raise UsageError(f"{name!r} is a checkpoint of a newer qatgraph ({version}); upgrade qatgraph to read it"
                          if newer else f"{name!r} is not a qatgraph checkpoint (make one with `qatgraph compile`)")
     weights = payload.get("weights_source", payload.get("weights"))
-    source = ModelSource(payload["factory"], weights, tuple(payload["input_shape"]))
+    source = ModelSource(payload["factory"], weights, tuple(payload["input_shape"]), payload.get("factory_file"))
     policy = Policy.from_dict(payload["policy"])
     qmodel = compile_model(source.build(load_weights=False), policy, example_inputs=(source.example_input(),))
     try:
@@ -173,5 +183,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, ModelSource, Po
     return qmodel, source, policy
 
 
-__all__ = ["FORMAT", "ModelSource", "load_checkpoint", "save_checkpoint", "load_factory", "read_torch_file",
-           "atomic_torch_save"]
+__all__ = [
+    "FORMAT",
+    "ModelSource",
+    "atomic_torch_save",
+    "load_checkpoint",
+    "load_factory",
+    "read_torch_file",
+    "save_checkpoint",
+]
