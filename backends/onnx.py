@@ -10,9 +10,10 @@ mobilenetv2_like/vit_like, whose float stem, head and embeddings weigh more); di
 output is the symbolic ``batch`` when ``dynamic_batch``; the file passes
 ``onnx.checker.check_model(full_check=True)`` and is linted against the policy's target. The file
 is written atomically: the model goes to a temporary file in the destination directory, is
-checked and linted there, and only then ``os.replace``-d onto ``path``, so a failed export leaves
-no partial file and never clobbers an existing one. Under ``torch.distributed`` only rank 0
-exports, and the other ranks return when the file is complete.
+checked and linted there, and only then ``os.replace``-d onto ``path`` (``qatgraph.atomic_write``:
+ordinary permissions, an overwritten file keeps its mode), so a failed export leaves no partial
+file and never clobbers an existing one. Under ``torch.distributed`` only rank 0 exports, and the
+other ranks return when the file is complete.
 
 Exporter choice (measured with torch 2.13, onnxscript 0.7, onnx 1.23, onnxruntime 1.32). Each
 quantizer is swapped for a module calling a ``torch.library`` custom op with one ONNX
@@ -24,7 +25,11 @@ rejects). So opsets 13-17 (17 is the default, the newest that older TensorRT par
 the deprecated TorchScript exporter, which emits them natively; it is also ~5x faster (0.6 s vs 3 s
 per zoo model). ``torch.fake_quantize_*`` symbolics are not used: they accept only the ranges
 (0, 127), (0, 255) and (-128, 127), and narrow-range weights [-127, 127] would be rejected.
-Both exporters then go through the same ONNX clean-up (``_postprocess``) and checks.
+Both exporters then go through the same ONNX clean-up (:mod:`.onnx_postprocess`, which also tags
+each activation QuantizeLinear with its quantizer for the parity check) and checks. Neither can
+put a Python ``if`` on tensor values into a graph: such a forward is refused, naming the line
+(:mod:`.onnx_trace_checks`), unless ``allow_data_dependent_branches=True``. Plain modules (never
+compiled) are refused; a compiled model with nothing quantized exports with a warning.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from qatgraph.backends.onnx_lint import lint as lint_model
 from qatgraph.backends.onnx_postprocess import BATCH_DIM, postprocess
 from qatgraph.backends.onnx_trace_checks import (
     Branch,
+    ValueConditions,
     baked_branches_error,
     exporter_failure,
     quiet_dynamo,
@@ -206,7 +212,7 @@ def _run_exporter(exporter: str, module: nn.Module, args: tuple, opset: int, dyn
                   input_names: list[str], output_names: list[str] | None) -> tuple[onnx.ModelProto, list[Branch]]:
     """(ONNX model, data-dependent branches the tracer kept only one side of)."""
     try:
-        with torch.no_grad():  # also proves the export module runs before an exporter hides the error
+        with torch.no_grad(), ValueConditions() as conditions:  # also proves the module runs before an exporter
             outputs = tree_leaves(module(*args))
     except QatgraphError:
         raise
@@ -220,7 +226,7 @@ def _run_exporter(exporter: str, module: nn.Module, args: tuple, opset: int, dyn
         if exporter == "dynamo":
             with quiet_dynamo():
                 return _export_dynamo(module, args, opset, dynamic_batch, input_names, output_names), []
-        with recording_branches(module) as branches:
+        with recording_branches(module, conditions.lines) as branches:
             model = _export_torchscript(module, args, opset, dynamic_batch, input_names, output_names)
         return model, branches
     except Exception as exc:  # noqa: BLE001 - the exporters raise anything; each is summarized in one paragraph

@@ -4,8 +4,11 @@ Used by :func:`qatgraph.backends.onnx.export_onnx`. An ONNX graph has no Python 
 TorchScript exporter (opset <= 17) traces the model once and keeps only the branch the example
 inputs took, warning with a ``TracerWarning`` ("Converting a tensor to a Python boolean ...")
 that scrolls by; inputs that take the other branch then compute something else in ONNX Runtime.
-:func:`recording_branches` collects those warnings (others are passed on unchanged) and
-:func:`describe_branch` names the file, line, source and module of each. The dynamo exporter
+The tracer also warns about conditions on shapes (``if x.shape[-1] % 32:``), whose sizes it traces
+as tensors although they are fixed in the export: :class:`ValueConditions` runs the model once in
+eager mode and records where a tensor's *values* decide a Python ``bool`` (``Tensor.__bool__``),
+and :func:`recording_branches` keeps only the tracer's warnings at those lines (the other warnings
+are passed on unchanged); :func:`describe_branch` names the file, line, source and module of each. The dynamo exporter
 (opset >= 18) refuses the same model with a 26-line error full of ANSI colour codes and graph
 dumps: :func:`quiet_dynamo` keeps its chatter off the terminal and :func:`exporter_failure`
 turns its exceptions into an :class:`~qatgraph.errors.ExportError` naming the line and the fix.
@@ -16,13 +19,16 @@ import contextlib
 import io
 import linecache
 import logging
+import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from qatgraph.errors import ExportError
 
@@ -33,6 +39,7 @@ _RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)"
 _BRANCH_WARNING = "Converting a tensor to a Python boolean"
 _DYNAMO_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
                    "torch._subclasses")
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 FIX = ("Write the choice as tensor operations (torch.where(condition, a, b), masking) so that both paths are in the "
        "graph")
 
@@ -66,10 +73,29 @@ def describe_branch(model: nn.Module, filename: str, lineno: int) -> Branch:
     return Branch(filename, lineno, "a function called by forward")
 
 
+class ValueConditions(TorchFunctionMode):
+    """While active, records the (file, line) of every Python ``bool`` taken of a tensor's value,
+    attributed to the first frame outside torch (the ``if`` that asked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: set[tuple[str, int]] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__bool__:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+                frame = frame.f_back
+            if frame is not None:
+                self.lines.add((frame.f_code.co_filename, frame.f_lineno))
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
-def recording_branches(model: nn.Module) -> Iterator[list[Branch]]:
+def recording_branches(model: nn.Module, value_lines: set[tuple[str, int]]) -> Iterator[list[Branch]]:
     """Collect the data-dependent branches the TorchScript tracer reports inside the block (each
-    location once); every other warning is re-issued as it was."""
+    location once, and only where ``value_lines`` saw a tensor's value decide); every other
+    warning is re-issued as it was."""
     branches: list[Branch] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -77,7 +103,9 @@ def recording_branches(model: nn.Module) -> Iterator[list[Branch]]:
     seen = set()
     for item in caught:
         if issubclass(item.category, torch.jit.TracerWarning) and _BRANCH_WARNING in str(item.message):
-            if (item.filename, item.lineno) not in seen:
+            if (item.filename, item.lineno) not in value_lines:
+                log.debug("shape-only condition at %s:%d, fixed in the export", item.filename, item.lineno)
+            elif (item.filename, item.lineno) not in seen:
                 seen.add((item.filename, item.lineno))
                 branches.append(describe_branch(model, item.filename, item.lineno))
         elif not issubclass(item.category, DeprecationWarning):  # the TorchScript exporter's, chosen on purpose

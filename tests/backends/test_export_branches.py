@@ -7,6 +7,7 @@ then differed by 43.8 on inputs taking the other branch; at opset 18 the export 
 from __future__ import annotations
 
 import inspect
+import warnings
 import json
 
 import onnx
@@ -80,3 +81,26 @@ def test_allowed_branches_warn_are_recorded_and_parity_names_them(branchy, tmp_p
     report = qatgraph.check_parity(qmodel, path, -x)  # the branch the export dropped
     assert not report.passed and report.baked_branches == recorded
     assert "kept only one branch of data-dependent code (" in str(report) and "if y.sum() > 0:" in str(report)
+
+
+class ShapeCheck(nn.Module):
+    """A condition on shapes only: fixed in the export (only the batch is dynamic), so not refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] % 4:
+            x = nn.functional.pad(x, (0, 4 - x.shape[-1] % 4))
+        return self.conv(x)
+
+
+def test_a_condition_on_shapes_is_not_a_data_dependent_branch(tmp_path):
+    x = torch.randn(2, 16, 8, 8)
+    qmodel = qatgraph.compile(ShapeCheck().eval(), "tensorrt", example_inputs=(x,))
+    qatgraph.calibrate(qmodel, [x], show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QatgraphWarning)
+        result = qatgraph.export_onnx(qmodel, tmp_path / "m.onnx", x)
+    assert not any(p.key == BAKED_BRANCHES for p in onnx.load(result.path).metadata_props)
