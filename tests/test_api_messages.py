@@ -88,3 +88,15 @@ def test_triton_backend_on_cpu_tensors_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailableError, match=r"backend='triton'.*(Triton runs on CUDA GPUs|not importable)"):
         partial_weight_grad_linear(torch.randn(4, 8), torch.randn(4, 6), torch.tensor([0, 2]), backend="triton")
+
+
+def test_export_with_wrong_example_inputs_and_parity_grammar(qmodel, tmp_path):
+    from qatgraph.errors import ExportError
+
+    qatgraph.calibrate(qmodel, [X], show_progress=False)
+    with pytest.raises(ExportError, match=r"running the model on example_inputs of shape \(2, 4, 6, 6\) failed "
+                                          r"before export: RuntimeError: .*Pass example inputs of the shape"):
+        qatgraph.export_onnx(qmodel, tmp_path / "m.onnx", torch.randn(2, 4, 6, 6))
+    path = qatgraph.export_onnx(qmodel, tmp_path / "m.onnx", X).path
+    report = qatgraph.check_parity(qmodel, path, X[:1])
+    assert "on 1 sample:" in str(report) and "1 samples" not in str(report)
