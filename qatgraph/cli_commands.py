@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .errors import UsageError, plural
+from .errors import UsageError, plural, warn
 
 EXIT_OK, EXIT_CHECK_FAILED = 0, 1
 
@@ -178,6 +178,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} is a file; give a directory for sensitivity.json/.md/.html")
     qmodel, source, _ = load_checkpoint(args.checkpoint)
     samples = load_samples(args.data, source.input_shape, args.num_samples, f" in {args.checkpoint}")
+    if len(samples) < args.num_samples:
+        warn(f"--num-samples {args.num_samples}, but {args.data!r} holds only {plural(len(samples), 'sample')}; the "
+             "scores rest on those")
     report = sensitivity(qmodel, batches_of(samples, args.batch_size), mode="fast", num_samples=args.num_samples,
                          cache_dir=args.cache_dir)
     paths = report.save(args.out)

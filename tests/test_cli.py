@@ -127,6 +127,9 @@ def test_fewer_batches_than_asked_warns(project, capsys):
     assert main(["calibrate", "sub/qat.pt", "--data", "inputs.pt", "--num-batches", "16", "--batch-size", "8"]) == 0
     err = capsys.readouterr().err
     assert "qatgraph calibrate: warning: qatgraph.calibrate: asked for 16 batches, the data held only 3" in err
+    assert main(["sensitivity", "sub/qat.pt", "--data", "inputs.pt", "--num-samples", "64", "--out", "sens"]) == 0
+    assert "qatgraph sensitivity: warning: --num-samples 64, but 'inputs.pt' holds only 20 samples" in \
+        capsys.readouterr().err
 
 
 def test_unavailable_backends_exit_3_and_internal_errors_exit_4(project, capsys, monkeypatch):
