@@ -9,5 +9,5 @@
 
 Backends read a compiled QAT model; they never reach back into the passes. May import:
 :mod:`qatgraph.quant`, :mod:`qatgraph.graph`, :mod:`qatgraph.errors`, :mod:`qatgraph.distributed`,
-:mod:`qatgraph.atomic_write`.
+:mod:`qatgraph.atomic_files`.
 """

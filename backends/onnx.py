@@ -10,7 +10,7 @@ mobilenetv2_like/vit_like, whose float stem, head and embeddings weigh more); di
 output is the symbolic ``batch`` when ``dynamic_batch``; the file passes
 ``onnx.checker.check_model(full_check=True)`` and is linted against the policy's target. The file
 is written atomically: the model goes to a temporary file in the destination directory, is
-checked and linted there, and only then ``os.replace``-d onto ``path`` (``qatgraph.atomic_write``:
+checked and linted there, and only then ``os.replace``-d onto ``path`` (``qatgraph.atomic_files``:
 ordinary permissions, an overwritten file keeps its mode), so a failed export leaves no partial
 file and never clobbers an existing one. Under ``torch.distributed`` only rank 0 exports, and the
 other ranks return when the file is complete.
@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from qatgraph.atomic_write import atomic_path, check_output_path
+from qatgraph.atomic_files import atomic_path, check_output_path
 from qatgraph.backends import onnx_qdq
 from qatgraph.backends.onnx_lint import TARGETS, Finding, format_findings
 from qatgraph.backends.onnx_lint import lint as lint_model

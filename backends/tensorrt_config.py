@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from qatgraph.atomic_write import atomic_path, write_bytes
+from qatgraph.atomic_files import atomic_path, write_bytes
 from qatgraph.errors import ExportError, did_you_mean
 
 logger = logging.getLogger("qatgraph.backends.tensorrt")  # one logger for the whole builder

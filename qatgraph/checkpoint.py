@@ -8,7 +8,7 @@ format. A checkpoint is self-contained: loading calls the factory for the archit
 never reads the ``--weights`` file again, so the checkpoint can move and the weights file can go.
 Loading uses ``torch.load(weights_only=True)`` (no code is unpickled) and refuses, in words, a
 state that does not fit the recompiled model. Files are written atomically, with the permissions
-``open()`` would give (:mod:`qatgraph.atomic_write`), under ``torch.distributed`` by rank 0 while
+``open()`` would give (:mod:`qatgraph.atomic_files`), under ``torch.distributed`` by rank 0 while
 the other ranks wait for the finished file.
 
 Formats (``payload["format"]``):
@@ -36,7 +36,7 @@ from torch import nn
 
 from qatgraph.policy import Policy
 
-from .atomic_write import write_with
+from .atomic_files import torch_save
 from .distributed import run_on_main, unwrap
 from .errors import QatgraphError, StateMismatchError, UsageError
 from .pipeline import compile as compile_model
@@ -153,7 +153,7 @@ def save_checkpoint(path: str | os.PathLike, qmodel: nn.Module, source: ModelSou
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    write_with(path, lambda temporary: torch.save(obj, temporary), "checkpoint")
+    torch_save(obj, path, "checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, ModelSource, Policy]:

@@ -58,7 +58,7 @@ def _positive(value: int, option: str) -> None:
 def cmd_compile(args: argparse.Namespace) -> int:
     from qatgraph.policy import Policy
 
-    from .atomic_write import check_output_path
+    from .atomic_files import check_output_path
     from .checkpoint import ModelSource, save_checkpoint
     from .pipeline import compile as compile_model
     from .summary import summary
@@ -77,7 +77,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from qatgraph.quant.calibrate import calibrate
     from qatgraph.quant.quantizer import iter_quantizers
 
-    from .atomic_write import check_output_path
+    from .atomic_files import check_output_path
     from .checkpoint import load_checkpoint, save_checkpoint
 
     _positive(args.num_batches, "--num-batches")
@@ -109,7 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qatgraph.backends.onnx import export_onnx
     from qatgraph.backends.onnx_lint import format_findings
 
-    from .atomic_write import check_output_path
+    from .atomic_files import check_output_path
     from .checkpoint import load_checkpoint
 
     check_output_path(args.output, "ONNX model")
@@ -158,7 +158,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from qatgraph.backends.tensorrt import build_engine
 
-    from .atomic_write import check_output_path
+    from .atomic_files import check_output_path
 
     check_output_path(args.output, "engine")
     info = build_engine(args.onnx, args.output, workspace_gib=args.workspace_gib, min_batch=args.min_batch,

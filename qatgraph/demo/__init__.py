@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatgraph.atomic_write import write_text
+from qatgraph.atomic_files import write_text
 from qatgraph.progress import progress
 
 from .data import DemoData, load_cifar10_data, load_digits_data

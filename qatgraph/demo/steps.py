@@ -117,7 +117,7 @@ def _onnxruntime_preset_model(fp_model: nn.Module, data: DemoData) -> nn.Module:
 def _export_fp32(model: nn.Module, path: str, example: torch.Tensor) -> None:
     import warnings
 
-    from qatgraph.atomic_write import atomic_path
+    from qatgraph.atomic_files import atomic_path
 
     with warnings.catch_warnings(), atomic_path(path, "ONNX model") as temporary:
         warnings.simplefilter("ignore")

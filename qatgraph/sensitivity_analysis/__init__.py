@@ -11,7 +11,7 @@ Floors, bottom up (each module imports only those below it):
 
 May import: :mod:`qatgraph.quant`, :mod:`qatgraph.graph`, :mod:`qatgraph.passes` (names only),
 :mod:`qatgraph.info`, :mod:`qatgraph.policy`, :mod:`qatgraph.progress`, :mod:`qatgraph.errors`,
-:mod:`qatgraph.distributed`, :mod:`qatgraph.atomic_files`, :mod:`qatgraph.atomic_write`.
+:mod:`qatgraph.distributed`, :mod:`qatgraph.atomic_files`.
 """
 from __future__ import annotations
 

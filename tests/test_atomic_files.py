@@ -1,4 +1,4 @@
-"""qatgraph.atomic_write: every file qatgraph writes is atomic and gets ordinary permissions.
+"""qatgraph.atomic_files: every file qatgraph writes is atomic and gets ordinary permissions.
 
 Before: checkpoints, ONNX exports and engines came out mode 600 (``tempfile.mkstemp``'s), and
 overwriting a 644 file turned it 600. Now a new file gets ``0o666 & ~umask`` and an existing one
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import qatgraph
-from qatgraph.atomic_write import atomic_path, current_umask, write_bytes, write_text
+from qatgraph.atomic_files import atomic_path, current_umask, write_bytes, write_text
 from qatgraph.errors import UsageError
 
 
