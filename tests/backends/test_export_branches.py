@@ -7,8 +7,8 @@ then differed by 43.8 on inputs taking the other branch; at opset 18 the export 
 from __future__ import annotations
 
 import inspect
-import warnings
 import json
+import warnings
 
 import onnx
 import pytest
