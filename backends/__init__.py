@@ -8,5 +8,6 @@
   ``tensorrt_trtexec``, the runner in ``tensorrt_runner``).
 
 Backends read a compiled QAT model; they never reach back into the passes. May import:
-:mod:`qatgraph.quant`, :mod:`qatgraph.graph`, :mod:`qatgraph.errors`, :mod:`qatgraph.distributed`.
+:mod:`qatgraph.quant`, :mod:`qatgraph.graph`, :mod:`qatgraph.errors`, :mod:`qatgraph.distributed`,
+:mod:`qatgraph.atomic_files`.
 """

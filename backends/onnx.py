@@ -10,9 +10,10 @@ mobilenetv2_like/vit_like, whose float stem, head and embeddings weigh more); di
 output is the symbolic ``batch`` when ``dynamic_batch``; the file passes
 ``onnx.checker.check_model(full_check=True)`` and is linted against the policy's target. The file
 is written atomically: the model goes to a temporary file in the destination directory, is
-checked and linted there, and only then ``os.replace``-d onto ``path``, so a failed export leaves
-no partial file and never clobbers an existing one. Under ``torch.distributed`` only rank 0
-exports, and the other ranks return when the file is complete.
+checked and linted there, and only then ``os.replace``-d onto ``path`` (``qatgraph.atomic_files``:
+ordinary permissions, an overwritten file keeps its mode), so a failed export leaves no partial
+file and never clobbers an existing one. Under ``torch.distributed`` only rank 0 exports, and the
+other ranks return when the file is complete.
 
 Exporter choice (measured with torch 2.13, onnxscript 0.7, onnx 1.23, onnxruntime 1.32). Each
 quantizer is swapped for a module calling a ``torch.library`` custom op with one ONNX
@@ -24,41 +25,54 @@ rejects). So opsets 13-17 (17 is the default, the newest that older TensorRT par
 the deprecated TorchScript exporter, which emits them natively; it is also ~5x faster (0.6 s vs 3 s
 per zoo model). ``torch.fake_quantize_*`` symbolics are not used: they accept only the ranges
 (0, 127), (0, 255) and (-128, 127), and narrow-range weights [-127, 127] would be rejected.
-Both exporters then go through the same ONNX clean-up (``_postprocess``) and checks.
+Both exporters then go through the same ONNX clean-up (:mod:`.onnx_postprocess`, which also tags
+each activation QuantizeLinear with its quantizer for the parity check) and checks. Neither can
+put a Python ``if`` on tensor values into a graph: such a forward is refused, naming the line
+(:mod:`.onnx_trace_checks`), unless ``allow_data_dependent_branches=True``. Plain modules (never
+compiled) are refused; a compiled model with nothing quantized exports with a warning.
 """
 from __future__ import annotations
 
 import inspect
 import io
 import itertools
+import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from qatgraph.atomic_files import atomic_path, check_output_path
 from qatgraph.backends import onnx_qdq
 from qatgraph.backends.onnx_lint import TARGETS, Finding, format_findings
 from qatgraph.backends.onnx_lint import lint as lint_model
+from qatgraph.backends.onnx_postprocess import BATCH_DIM, postprocess
+from qatgraph.backends.onnx_trace_checks import (
+    Branch,
+    ValueConditions,
+    baked_branches_error,
+    exporter_failure,
+    quiet_dynamo,
+    recording_branches,
+)
 from qatgraph.distributed import run_on_main, unwrap
-from qatgraph.errors import ExportError, did_you_mean
+from qatgraph.errors import ExportError, QatgraphError, did_you_mean, warn
+from qatgraph.quant.calibrate import check_compiled
 
 log = logging.getLogger(__name__)
 
+BAKED_BRANCHES = "qatgraph.baked_branches"  # model metadata: data-dependent branches the export kept one side of
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear's per-channel ``axis`` appeared in opset 13
 DYNAMO_MIN_OPSET = 18
 MAX_OPSET = 23
 TORCHSCRIPT_MAX_OPSET = 20
 EXPORTERS = ("auto", "dynamo", "torchscript")
-BATCH_DIM = "batch"
 
 
 @dataclass
@@ -91,30 +105,36 @@ class ExportResult:
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, opset: int = 17,
                 dynamic_batch: bool = True, *, lint: bool = True, target: str | None = None,
                 input_names: list[str] | None = None, output_names: list[str] | None = None,
-                check: bool = True, strict: bool = False, exporter: str = "auto") -> ExportResult:
+                check: bool = True, strict: bool = False, exporter: str = "auto",
+                allow_data_dependent_branches: bool = False) -> ExportResult:
     """Export ``qmodel`` to ``path`` as a Q/DQ ONNX model and lint it (see the module docstring).
 
     ``example_inputs``: a tensor or a tuple of forward's tensor arguments. ``target``: lint rules
     (``tensorrt``/``onnxruntime``; default: the policy's target, ``onnxruntime`` rules for a
     ``generic`` policy). ``strict``: raise :class:`ExportError` (writing nothing) when lint
     reports errors. ``exporter``: ``auto`` (dynamo for opset >= 18, TorchScript below),
-    ``dynamo`` or ``torchscript``.
+    ``dynamo`` or ``torchscript``. A ``forward`` that branches on tensor values (``if x.sum() > 0:``)
+    is refused, naming the line and module: ONNX would keep only the branch the example took.
+    ``allow_data_dependent_branches=True`` exports it anyway, with a warning, recording the
+    branches in the file's metadata (``qatgraph.baked_branches``, which check_parity reports).
 
     Under ``torch.distributed`` (:mod:`qatgraph.distributed`) rank 0 exports while the other
     ranks wait; every rank returns the same :class:`ExportResult` (or raises the same error) once
     the file is complete. Call it on every rank, or inside ``qatgraph.distributed.this_rank_only()``.
     """
     return run_on_main(lambda: _export(qmodel, path, example_inputs, opset, dynamic_batch, lint, target, input_names,
-                                       output_names, check, strict, exporter),
+                                       output_names, check, strict, exporter, allow_data_dependent_branches),
                        f"exporting {os.fspath(path)!r}")
 
 
 def _export(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, opset: int, dynamic_batch: bool,
             lint: bool, target: str | None, input_names: list[str] | None, output_names: list[str] | None,
-            check: bool, strict: bool, exporter: str) -> ExportResult:
+            check: bool, strict: bool, exporter: str, allow_branches: bool) -> ExportResult:
     exporter = _choose_exporter(exporter, opset)
-    args = _as_args(example_inputs)
+    check_output_path(path, "ONNX model")  # before the slow part: a directory or bad parent fails now
     qmodel = unwrap(qmodel)  # DDP/DataParallel only scatter batches, and torch.onnx.export rejects them
+    check_compiled(qmodel, "export_onnx")
+    args = _as_args(example_inputs)
     target = target or _policy_target(qmodel)
     if target not in TARGETS:
         raise ExportError(f"unknown lint target {target!r}{did_you_mean(target, TARGETS)}; use one of {', '.join(TARGETS)}")
@@ -124,8 +144,12 @@ def _export(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, ops
     tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     args = tuple(a.to(tensor.device) for a in args) if tensor is not None else args
     input_names = input_names or _default_input_names(qmodel, len(args))
-    model = _run_exporter(exporter, module, args, opset, dynamic_batch, input_names, output_names)
-    _postprocess(model, dynamic_batch)
+    model, branches = _run_exporter(exporter, module, args, opset, dynamic_batch, input_names, output_names)
+    _check_branches(model, branches, allow_branches)
+    postprocess(model, dynamic_batch)
+    if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
+        warn(f"export_onnx: {os.fspath(path)!r} has no activation QuantizeLinear: no layer of the model is quantized "
+             "(see qatgraph.summary for why), so the file is a floating-point model.")
     findings = _write_atomically(model, os.fspath(path), check, target if lint else None, strict)
     num_qdq = sum(node.op_type == "DequantizeLinear" for node in model.graph.node)
     result = ExportResult(os.fspath(path), findings, len(model.graph.node), num_qdq, os.path.getsize(path), opset,
@@ -185,18 +209,40 @@ def _default_input_names(qmodel: nn.Module, count: int) -> list[str]:
 
 # ---------------------------------------------------------------------------- exporters
 def _run_exporter(exporter: str, module: nn.Module, args: tuple, opset: int, dynamic_batch: bool,
-                  input_names: list[str], output_names: list[str] | None) -> onnx.ModelProto:
-    with torch.no_grad():  # also proves the export module runs before an exporter hides the error
-        outputs = tree_leaves(module(*args))
-    output_names = output_names or (["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
-    run = _export_dynamo if exporter == "dynamo" else _export_torchscript
+                  input_names: list[str], output_names: list[str] | None) -> tuple[onnx.ModelProto, list[Branch]]:
+    """(ONNX model, data-dependent branches the tracer kept only one side of)."""
     try:
-        return run(module, args, opset, dynamic_batch, input_names, output_names)
-    except Exception as exc:
-        raise ExportError(f"torch.onnx.export ({exporter} exporter, opset {opset}) failed: {type(exc).__name__}: "
-                          f"{exc}. If it names a dynamic dimension, retry with dynamic_batch=False; to try the other "
-                          "exporter pass exporter='dynamo' (opset >= 18) or exporter='torchscript' (opset <= 20).") \
-            from exc
+        with torch.no_grad(), ValueConditions() as conditions:  # also proves the module runs before an exporter
+            outputs = tree_leaves(module(*args))
+    except QatgraphError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model failing on the user's example inputs
+        shapes = ", ".join(str(tuple(a.shape)) for a in args)
+        raise ExportError(f"running the model on example_inputs of shape {shapes} failed before export: "
+                          f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
+                          "Pass example inputs of the shape the model was compiled and calibrated with.") from None
+    output_names = output_names or (["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
+    try:
+        if exporter == "dynamo":
+            with quiet_dynamo():
+                return _export_dynamo(module, args, opset, dynamic_batch, input_names, output_names), []
+        with recording_branches(module, conditions.lines) as branches:
+            model = _export_torchscript(module, args, opset, dynamic_batch, input_names, output_names)
+        return model, branches
+    except Exception as exc:  # noqa: BLE001 - the exporters raise anything; each is summarized in one paragraph
+        raise exporter_failure(exc, exporter, opset, module) from None
+
+
+def _check_branches(model: onnx.ModelProto, branches: list[Branch], allowed: bool) -> None:
+    if not branches:
+        return
+    if not allowed:
+        raise baked_branches_error(branches)
+    warn("export_onnx: the ONNX graph keeps only the branch the example inputs took at "
+         + "; ".join(str(b) for b in branches) + ". Inputs that take another branch compute something else in "
+         "ONNX Runtime and TensorRT: check parity on inputs from every branch.")
+    entry = model.metadata_props.add()
+    entry.key, entry.value = BAKED_BRANCHES, json.dumps([str(b) for b in branches])
 
 
 def _export_dynamo(module: nn.Module, args: tuple, opset: int, dynamic_batch: bool, input_names: list[str],
@@ -220,125 +266,17 @@ def _export_torchscript(module: nn.Module, args: tuple, opset: int, dynamic_batc
     onnx_qdq.register_torchscript_symbolics()
     dynamic_axes = {name: {0: BATCH_DIM} for name in input_names + output_names} if dynamic_batch else None
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # chosen on purpose below opset 18, see module doc
-        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    # the exporter's DeprecationWarning (chosen on purpose below opset 18, see the module doc) is dropped by
+    # onnx_trace_checks.recording_branches, which wraps this call
+    torch.onnx.export(module, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
+                      output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
     return onnx.load_from_string(buffer.getvalue())
-
-
-# ---------------------------------------------------------------------------- ONNX clean-up
-def _postprocess(model: onnx.ModelProto, dynamic_batch: bool) -> None:
-    """Exporter-independent clean-up, in place: DequantizeLinear must read INT8 initializers
-    directly (lint rule), and the batch dimension is called ``batch``."""
-    _bypass_identities(model)
-    _fold_constant_casts(model)
-    _fold_weight_transposes(model)
-    _drop_dead_nodes(model)
-    _drop_unused_initializers(model)
-    if dynamic_batch:
-        _name_batch_dim(model)
-
-
-def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
-    for node in model.graph.node:
-        for index, name in enumerate(node.input):
-            if name == old:
-                node.input[index] = new
-
-
-def _bypass_identities(model: onnx.ModelProto) -> None:
-    """Remove Identity nodes (the TorchScript exporter dedups equal initializers through them)."""
-    graph_outputs = {out.name for out in model.graph.output}
-    for node in list(model.graph.node):
-        if node.op_type == "Identity" and node.output[0] not in graph_outputs:
-            _rename_input(model, node.output[0], node.input[0])
-            model.graph.node.remove(node)
-
-
-def _fold_constant_casts(model: onnx.ModelProto) -> None:
-    """Cast(initializer) -> a typed initializer (the INT4/UINT4 zero points of opset-21 Q/DQ)."""
-    initializers = {init.name: init for init in model.graph.initializer}
-    for node in list(model.graph.node):
-        if node.op_type != "Cast" or node.input[0] not in initializers:
-            continue
-        to = next(a.i for a in node.attribute if a.name == "to")
-        value = numpy_helper.to_array(initializers[node.input[0]])
-        if to not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
-            continue
-        tensor = onnx.helper.make_tensor(node.output[0], to, value.shape, value.astype(np.int64).reshape(-1).tolist())
-        model.graph.initializer.append(tensor)
-        model.graph.node.remove(node)
-
-
-def _fold_weight_transposes(model: onnx.ModelProto) -> None:
-    """DequantizeLinear(W) -> Transpose  becomes  DequantizeLinear(W transposed, remapped axis).
-
-    Linear layers on 3-D inputs export as MatMul(x, Transpose(DQ(W))); TensorRT and the linter
-    want the DequantizeLinear to feed the MatMul directly.
-    """
-    initializers = {init.name: init for init in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    for transpose in list(model.graph.node):
-        dq = producers.get(transpose.input[0]) if transpose.op_type == "Transpose" else None
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers:
-            continue
-        weight = numpy_helper.to_array(initializers[dq.input[0]])
-        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), list(range(weight.ndim))[::-1])
-        new_weight = numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), dq.input[0] + "_transposed")
-        model.graph.initializer.append(new_weight)
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
-        scale_dims = initializers[dq.input[1]].dims if dq.input[1] in initializers else []
-        if len(scale_dims) == 1 and scale_dims[0] > 1:  # per channel: follow the axis through the permutation
-            attributes["axis"] = perm.index(attributes.get("axis", 1) % weight.ndim)
-        new_dq = onnx.helper.make_node("DequantizeLinear", [new_weight.name, *dq.input[1:]], list(transpose.output),
-                                       name=(dq.name or "DequantizeLinear") + "_transposed", **attributes)
-        index = list(model.graph.node).index(transpose)
-        model.graph.node.remove(transpose)
-        model.graph.node.insert(index, new_dq)  # the old DequantizeLinear, now unused, is dropped later
-
-
-def _drop_dead_nodes(model: onnx.ModelProto) -> None:
-    """Remove nodes none of whose outputs is used (a DequantizeLinear left behind by a fold)."""
-    graph_outputs = {out.name for out in model.graph.output}
-    while True:
-        used = {name for node in model.graph.node for name in node.input} | graph_outputs
-        dead = [node for node in model.graph.node if not any(out in used for out in node.output)]
-        if not dead:
-            return
-        for node in dead:
-            model.graph.node.remove(node)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input} | {out.name for out in model.graph.output}
-    for init in list(model.graph.initializer):
-        if init.name not in used:
-            model.graph.initializer.remove(init)
-
-
-def _name_batch_dim(model: onnx.ModelProto) -> None:
-    """Call the inputs' symbolic dim 0 ``batch`` everywhere (a safety net: both exporters are
-    asked for that name, but a symbol like ``s0`` may survive in shapes derived from it)."""
-    symbols = set()
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_param"):
-            symbols.add(dims[0].dim_param)
-    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param in symbols:
-                dim.dim_param = BATCH_DIM
 
 
 # ---------------------------------------------------------------------------- writing
 def _write_atomically(model: onnx.ModelProto, path: str, check: bool, target: str | None,
                       strict: bool) -> list[Finding]:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
+    with atomic_path(path, "ONNX model") as temporary:
         onnx.save(model, temporary)
         if check:
             try:
@@ -347,10 +285,6 @@ def _write_atomically(model: onnx.ModelProto, path: str, check: bool, target: st
                 raise ExportError(f"the exported model fails onnx.checker (nothing written to {path!r}): {exc}") from exc
         findings = lint_model(model, target) if target is not None else []
         _report_findings(findings, path, target, strict)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return findings
 
 

@@ -6,16 +6,20 @@ If/Loop/Scan and model-local functions are not walked (exported QAT models have 
 Guarantees: one pass over the nodes builds the producer and consumer maps; constants
 (initializers and ``Constant`` nodes) are resolved lazily, so huge weight initializers are
 never converted to numpy unless asked for (the linter only reads their shapes and dtypes).
-Nothing in the model is modified.
+Nothing in the model is modified. :func:`load_onnx` reads a file with a one-paragraph error when
+it is missing or not an ONNX model (every backend reads files through it).
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from qatgraph.errors import ExportError
 
 # Ops whose inputs TensorRT wants quantized (design rule 1), with the input slots that carry
 # activations/weights. The bias (Conv/ConvTranspose input 2, Gemm input C) is never quantized.
@@ -27,6 +31,20 @@ WEIGHTED_OPS: dict[str, tuple[int, ...]] = {
 }
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file, with a one-paragraph :class:`ExportError` when it is missing or unreadable."""
+    if os.path.isdir(path):
+        raise ExportError(f"{os.fspath(path)!r} is a directory; give the .onnx file inside it")
+    if not os.path.isfile(path):
+        raise ExportError(f"ONNX file {os.fspath(path)!r} does not exist; export the model first "
+                          "(qatgraph.export_onnx or `qatgraph export`)")
+    try:
+        return onnx.load(os.fspath(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: all mean "not an ONNX file"
+        raise ExportError(f"{os.fspath(path)!r} is not a readable ONNX model ({type(exc).__name__}: "
+                          f"{str(exc).strip()[:200] or 'cannot parse'}); is it complete? Export it again.") from None
 
 
 def node_label(node: onnx.NodeProto, index: int) -> str:

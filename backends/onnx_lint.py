@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 
 import onnx
 
-from qatgraph.backends.onnx_graph import GraphIndex
+from qatgraph.backends.onnx_graph import GraphIndex, load_onnx
 from qatgraph.backends.onnx_lint_qparams import (
     _check_concat,
     _check_quantized_twice,
@@ -79,7 +79,7 @@ def _load(path: str | os.PathLike) -> onnx.ModelProto:
     if not os.path.isfile(path):
         raise ExportError(f"lint: ONNX file {os.fspath(path)!r} does not exist; "
                           f"pass the path written by qatgraph's export.")
-    return onnx.load(os.fspath(path))
+    return load_onnx(path)
 
 
 _CHECKS: list[Callable[[GraphIndex, str], Iterable[Finding]]] = [

@@ -137,6 +137,13 @@ def register_torchscript_symbolics() -> None:
 # ---------------------------------------------------------------------------- export modules
 def _frozen_params(quantizer: FakeQuantizer, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32 constant, learnable or not) and zero point in the storage dtype."""
+    zero_point = quantizer.zero_point.detach()
+    outside = (zero_point < quantizer.qmin) | (zero_point > quantizer.qmax)
+    if bool(outside.any()):  # an int8/uint8 cast would wrap it silently (131 -> -125)
+        raise ExportError(f"quantizer {quantizer.name!r} has zero point(s) {sorted(set(zero_point[outside].tolist()))[:4]} "
+                          f"outside its integer range [{quantizer.qmin}, {quantizer.qmax}]: its state does not fit its "
+                          "format (was a state of another policy loaded into it?). Recalibrate the model "
+                          "(qatgraph.calibrate) or load a state saved with this model's policy.")
     scale = quantizer.scale.detach().clone().float()
     zero_point = quantizer.zero_point.detach().clone().to(torch.int8 if signed else torch.uint8)
     return scale, zero_point

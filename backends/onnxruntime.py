@@ -1,8 +1,10 @@
 """Run exported Q/DQ ONNX models with ONNX Runtime (the embedded default backend, CPU).
 
 Expects an ONNX file from :func:`qatgraph.backends.onnx.export_onnx` (or any ONNX model).
-Guarantees: :class:`OrtRunner` runs on the CPU execution provider unless told otherwise and
-takes numpy arrays or torch tensors. The parity check against the PyTorch QAT model lives in
+Guarantees: :class:`OrtRunner` runs on the CPU execution provider unless told otherwise, says so
+(a :class:`~qatgraph.errors.QatgraphWarning`) when a requested provider is not available here and
+it runs on fewer, takes numpy arrays or torch tensors, and names the input when a shape or the
+number of inputs does not fit the model. Unreadable ONNX files raise :class:`ExportError`. The parity check against the PyTorch QAT model lives in
 :mod:`qatgraph.backends.parity`, which builds on this module.
 
 ORT's default ``WeightBiasQuantization`` transformer rounds float Conv/Gemm biases to int32 at
@@ -22,11 +24,13 @@ import numpy as np
 import onnx
 import torch
 
+from qatgraph.backends.onnx_graph import load_onnx
 from qatgraph.errors import (
     BackendUnavailableError,
-    ExportError,
     QatgraphError,
+    UsageError,
     did_you_mean,
+    warn,
 )
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ class OrtRunner:
         self.path = None if isinstance(path, onnx.ModelProto) else os.fspath(path)
         self.optimization = optimization
         self.session = ort.InferenceSession(model.SerializeToString(), options,
-                                            providers=list(providers or ["CPUExecutionProvider"]),
+                                            providers=_available_providers(ort, providers),
                                             disabled_optimizers=list(disabled_optimizers) +
                                             ([] if quantize_bias else [BIAS_QUANTIZATION]))
         self._inputs = self.session.get_inputs()
@@ -102,14 +106,41 @@ class OrtRunner:
             raise QatgraphError(f"OrtRunner({self.path or 'model'}): got {len(inputs)} input(s), the model takes "
                                 f"{len(self._inputs)}: {', '.join(self.input_names)}")
         feed = {spec.name: _as_numpy(value, spec.type) for spec, value in zip(self._inputs, inputs)}
-        return self.session.run(None, feed)
+        for spec in self._inputs:
+            self._check_shape(spec, feed[spec.name].shape)
+        try:
+            return self.session.run(None, feed)
+        except (ValueError, RuntimeError) as exc:  # ORT's InvalidArgument/Fail derive from RuntimeError
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"ONNX Runtime could not run {self.path or 'the model'} on inputs of shape "
+                             f"{', '.join(str(tuple(v.shape)) for v in feed.values())}: {first}") from None
+
+    def _check_shape(self, spec, shape: tuple[int, ...]) -> None:
+        expected = list(spec.shape or [])
+        fits = len(expected) == len(shape) and all(not isinstance(e, int) or e == s for e, s in zip(expected, shape))
+        if not fits:
+            wanted = "(" + ", ".join(str(e) if isinstance(e, int) else str(e or "?") for e in expected) + ")"
+            raise UsageError(f"OrtRunner({self.path or 'model'}): input {spec.name!r} has shape {tuple(shape)}, the "
+                             f"model takes {wanted}; pass inputs of the shape the model was exported with")
+
+
+def _available_providers(ort, requested: Sequence[str] | None) -> list[str]:
+    """The requested execution providers this ONNX Runtime has; warns about the others (ORT would
+    fall back to the CPU with only its own generic warning)."""
+    requested = list(requested or ["CPUExecutionProvider"])
+    available = set(ort.get_available_providers())
+    usable = [p for p in requested if (p[0] if isinstance(p, tuple) else p) in available]
+    missing = [p for p in requested if p not in usable]
+    if missing:
+        usable = usable or ["CPUExecutionProvider"]
+        warn(f"OrtRunner: this ONNX Runtime ({ort.__version__}) has no {', '.join(map(str, missing))}; running on "
+             f"{', '.join(map(str, usable))} instead (available: {', '.join(sorted(available))}). For the GPU, "
+             "install onnxruntime-gpu in place of onnxruntime.")
+    return usable
 
 
 def _load(path: str | os.PathLike) -> onnx.ModelProto:
-    if not os.path.isfile(path):
-        raise ExportError(f"ONNX file {os.fspath(path)!r} does not exist; export the model first "
-                          "(qatgraph.backends.onnx.export_onnx)")
-    return onnx.load(os.fspath(path))
+    return load_onnx(path)
 
 
 def _as_numpy(value: Any, ort_type: str) -> np.ndarray:

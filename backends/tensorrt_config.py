@@ -9,16 +9,14 @@ builder), :mod:`.tensorrt_trtexec` and :mod:`.tensorrt_runner`; it imports none 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import importlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from qatgraph.atomic_files import atomic_path, write_bytes
 from qatgraph.errors import ExportError, did_you_mean
 
 logger = logging.getLogger("qatgraph.backends.tensorrt")  # one logger for the whole builder
@@ -166,24 +164,14 @@ def _resolve_config(config: EngineBuildConfig | None, overrides: dict[str, Any])
     return config
 
 
-@contextlib.contextmanager
 def _replacing(path: str):
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
-    Same directory, so os.replace is an atomic rename; the temporary file never outlives the block."""
-    fd, partial = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                                   prefix=f".{os.path.basename(path)}.", suffix=".partial")
-    os.close(fd)
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds
+    (qatgraph's shared atomic writer: ordinary permissions, the temporary file never outlives it)."""
+    return atomic_path(path, "engine")
 
 
 def _atomic_write(path: str, data) -> None:
-    with _replacing(path) as partial:
-        Path(partial).write_bytes(memoryview(data))  # IHostMemory exposes the buffer protocol
+    write_bytes(path, data, "engine")  # IHostMemory exposes the buffer protocol
 
 
 def _make_logger(trt, verbose: bool):

@@ -17,10 +17,13 @@ from .errors import (
     NotCalibratedError,
     PolicyError,
     QatgraphError,
+    QatgraphWarning,
     SensitivityError,
+    StateMismatchError,
     TraceError,
+    UsageError,
 )
-from .info import CompileInfo, LayerDecision, QatgraphWarning
+from .info import CompileInfo, LayerDecision
 from .pipeline import compile  # noqa: A004 - the public name users expect
 from .policy import FreezeConfig, LayerRule, Policy, QuantSpec, SensitivityConfig, TracingConfig
 from .quant.calibrate import calibrate
@@ -42,7 +45,7 @@ __all__ = [
     "Policy", "QuantSpec", "LayerRule", "FreezeConfig", "SensitivityConfig", "TracingConfig",
     "FakeQuantizer", "iter_quantizers", "CompileInfo", "LayerDecision", "QatgraphWarning",
     "QatgraphError", "PolicyError", "TraceError", "CalibrationError", "NotCalibratedError", "ExportError",
-    "BackendUnavailableError", "SensitivityError", "DistributedError",
+    "BackendUnavailableError", "SensitivityError", "DistributedError", "UsageError", "StateMismatchError",
 ]
 
 # Backends last: they import the core modules above.

@@ -1,27 +1,37 @@
 """The ``qatgraph`` command line: compile, calibrate, summary, export, lint, parity, build-engine,
 sensitivity and demo.
 
-Models are given as ``package.module:factory`` (a callable returning an ``nn.Module``) plus
-optional FP weights (``--weights``, loaded with ``weights_only=True``). ``compile`` writes a QAT
-checkpoint that the other commands read (see qatgraph/checkpoint.py). Data files are tensors
+Models are given as ``package.module:factory`` (a callable returning an ``nn.Module``), imported
+like ``python -m`` does: from installed packages, PYTHONPATH and the current directory. Optional
+FP weights (``--weights``) load with ``weights_only=True``. ``compile`` writes a self-contained
+QAT checkpoint that the other commands read (see qatgraph/checkpoint.py). Data files are tensors
 saved with ``torch.save`` (``.pt``) or NumPy arrays (``.npy``), samples along dim 0; ``random``
-draws Gaussian inputs of the model's input shape (for smoke tests only). Exit codes: 0 success,
-1 a check failed (lint errors, parity out of tolerance), 2 bad input or a failure explained on stderr.
+draws Gaussian inputs of the model's input shape (for smoke tests only).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
 
-import numpy as np
-import torch
+from . import cli_commands as commands
+from .errors import BackendUnavailableError, QatgraphError
 
-from .errors import QatgraphError
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}  success
+  {EXIT_CHECK_FAILED}  a check failed: lint errors (export, lint), parity out of tolerance (parity)
+  {EXIT_USAGE}  usage error: bad arguments or input (a file, model, shape or policy); the message says what to change
+  {EXIT_UNAVAILABLE}  a backend is not available here (TensorRT, a GPU, Triton); the message says what to install
+  {EXIT_INTERNAL}  internal error: an unexpected failure; run again with --verbose for the traceback and report it
+  130 interrupted"""
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_ERROR = 0, 1, 2
+load_samples, batches_of = commands.load_samples, commands.batches_of  # importable from here, as before
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -34,233 +44,179 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load_samples(spec: str, input_shape: Sequence[int], count: int) -> torch.Tensor:
-    """Samples (N, ...) from a .pt/.npy file, or ``random`` Gaussian inputs."""
-    if spec == "random":
-        generator = torch.Generator().manual_seed(0)
-        return torch.randn(count, *input_shape[1:], generator=generator)
-    if not os.path.exists(spec):
-        raise QatgraphError(f"data file {spec!r} does not exist (give a .pt/.npy file of inputs, or 'random')")
-    if spec.endswith(".npy"):
-        data = torch.from_numpy(np.load(spec))
-    else:
-        data = torch.load(spec, map_location="cpu", weights_only=True)
-        if isinstance(data, dict):
-            data = data.get("inputs", data.get("x"))
-    if not isinstance(data, torch.Tensor) or data.dim() < 1:
-        raise QatgraphError(f"data file {spec!r} must hold one tensor of inputs (N, ...) or a dict with 'inputs'")
-    return data[:count].float()
+def _version() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"qatgraph {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
 
 
-def batches_of(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+def _subcommand(sub, name: str, summary: str, details: str, func) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {details}",
+                            epilog=EXIT_CODES, formatter_class=_Formatter)
+    parser.set_defaults(func=func)
+    return parser
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    from qatgraph.policy import Policy
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (not the empty ones); the exit-code table kept as written."""
 
-    from .checkpoint import ModelSource, save_checkpoint
-    from .pipeline import compile as compile_model
-    from .summary import summary
-
-    source = ModelSource(args.model, args.weights, args.input_shape)
-    policy = Policy.from_any(args.policy)
-    qmodel = compile_model(source.build(), policy, example_inputs=(source.example_input(),))
-    summary(qmodel)
-    save_checkpoint(args.output, qmodel, source, policy)
-    print(f"wrote {args.output}")
-    return EXIT_OK
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from qatgraph.quant.calibrate import calibrate
-
-    from .checkpoint import load_checkpoint, save_checkpoint
-
-    qmodel, source, policy = load_checkpoint(args.checkpoint)
-    samples = load_samples(args.data, source.input_shape, args.num_batches * args.batch_size)
-    calibrate(qmodel, batches_of(samples, args.batch_size), num_batches=args.num_batches)
-    save_checkpoint(args.output or args.checkpoint, qmodel, source, policy)
-    print(f"calibrated {len(samples)} samples; wrote {args.output or args.checkpoint}")
-    return EXIT_OK
-
-
-def cmd_summary(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .summary import summary
-
-    summary(load_checkpoint(args.checkpoint)[0])
-    return EXIT_OK
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from qatgraph.backends.onnx import export_onnx
-    from qatgraph.backends.onnx_lint import format_findings
-
-    from .checkpoint import load_checkpoint
-
-    qmodel, source, policy = load_checkpoint(args.checkpoint)
-    result = export_onnx(qmodel, args.output, (source.example_input(),), opset=args.opset,
-                         dynamic_batch=not args.static_batch)
-    print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.num_qdq} Q/DQ nodes, opset {result.opset})")
-    if result.findings:
-        print(format_findings(result.findings))
-    return EXIT_CHECK_FAILED if any(f.severity == "error" for f in result.findings) else EXIT_OK
-
-
-def cmd_lint(args: argparse.Namespace) -> int:
-    from qatgraph.backends.onnx_lint import RULES, format_findings, lint
-
-    if args.rules:
-        for rule, description in RULES.items():
-            print(f"{rule:28s} {description}")
-        return EXIT_OK
-    if not args.onnx:
-        raise QatgraphError("give the ONNX file to lint (or --rules to list the rules)")
-    findings = lint(args.onnx, target=args.target)
-    errors = [f for f in findings if f.severity == "error"]
-    print(format_findings(findings) if findings else f"{args.onnx}: clean for {args.target}")
-    print(f"{len(errors)} error(s), {len(findings) - len(errors)} warning(s)")
-    return EXIT_CHECK_FAILED if errors else EXIT_OK
-
-
-def cmd_parity(args: argparse.Namespace) -> int:
-    from qatgraph.backends.parity import check_parity
-
-    from .checkpoint import load_checkpoint
-
-    qmodel, source, _ = load_checkpoint(args.checkpoint)
-    samples = load_samples(args.data, source.input_shape, args.num_samples)
-    report = check_parity(qmodel, args.onnx, samples)
-    print(report)
-    # Default: top-1 agrees, and the output matches either free-running or with ORT's integers fed
-    # in (teacher-forced; deep float-output models differ free-running by near-tie roundings that
-    # the model amplifies, see ParityReport). --strict: free-running only.
-    ok = report.strict_passed if args.strict else report.passed
-    return EXIT_OK if ok else EXIT_CHECK_FAILED
-
-
-def cmd_build_engine(args: argparse.Namespace) -> int:
-    from qatgraph.backends.tensorrt import build_engine
-
-    info = build_engine(args.onnx, args.output, workspace_gib=args.workspace_gib, min_batch=args.min_batch,
-                        opt_batch=args.opt_batch, max_batch=args.max_batch, timing_cache=args.timing_cache)
-    print(f"built {info.engine_path} with TensorRT {info.trt_version} ({info.builder}) in {info.build_seconds:.1f} s")
-    return EXIT_OK
-
-
-def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from qatgraph.sensitivity_analysis.scores import sensitivity
-
-    from .checkpoint import load_checkpoint
-
-    qmodel, source, _ = load_checkpoint(args.checkpoint)
-    samples = load_samples(args.data, source.input_shape, args.num_samples)
-    report = sensitivity(qmodel, batches_of(samples, args.batch_size), mode="fast", num_samples=args.num_samples,
-                         cache_dir=args.cache_dir)
-    paths = report.save(args.out)
-    for rank, layer in enumerate(report.ranking[:10], 1):
-        print(f"{rank:3d}. {layer:40s} {report.scores[layer]:.4g}")
-    print("wrote " + ", ".join(str(p) for p in (paths.values() if isinstance(paths, dict) else paths)))
-    return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(out_dir=args.out, data=args.data, data_dir=args.data_dir, quick=args.quick)
-    return EXIT_OK
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qatgraph", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="qatgraph", description="qatgraph: quantization-aware training for PyTorch "
+                                     "that ships INT8 models to TensorRT. `qatgraph COMMAND --help` describes each "
+                                     "command.", epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_model_commands(sub)
+    _add_deploy_commands(sub)
+    return parser
 
-    p = sub.add_parser("compile", help="compile a model into a QAT checkpoint")
-    p.add_argument("model", help="package.module:factory returning an nn.Module")
-    p.add_argument("--weights", help="FP32 state dict to load into the model first (.pt)")
-    p.add_argument("--policy", default="tensorrt", help="preset name (tensorrt, onnxruntime) or YAML file")
+
+def _add_model_commands(sub) -> None:
+    p = _subcommand(sub, "compile", "compile a model into a QAT checkpoint",
+                    "Builds the model with its factory, loads --weights, inserts fake-quantizers as the policy says, "
+                    "prints the decision table and writes a self-contained checkpoint (the weights are in it).",
+                    commands.cmd_compile)
+    p.add_argument("model", help="package.module:factory returning an nn.Module (the current directory is searched)")
+    p.add_argument("--weights", help="FP32 state dict (.pt) to load into the model before compiling")
+    p.add_argument("--policy", default="tensorrt", help="preset name (tensorrt, onnxruntime) or a YAML policy file")
     p.add_argument("--input-shape", type=_shape, required=True, help="example input shape, e.g. 1,3,224,224")
-    p.add_argument("-o", "--output", default="qat.pt", help="checkpoint to write (default qat.pt)")
-    p.set_defaults(func=cmd_compile)
+    p.add_argument("-o", "--output", default="qat.pt", help="checkpoint to write")
 
-    p = sub.add_parser("calibrate", help="calibrate activation scales of a QAT checkpoint")
-    p.add_argument("checkpoint")
+    p = _subcommand(sub, "calibrate", "calibrate the activation scales of a QAT checkpoint",
+                    "Runs the data through the model (post-training calibration, the starting point of QAT) and "
+                    "writes the checkpoint with its scales.", commands.cmd_calibrate)
+    p.add_argument("checkpoint", help="QAT checkpoint from `qatgraph compile`")
     p.add_argument("--data", required=True, help=".pt/.npy file of inputs (N, ...), or 'random'")
-    p.add_argument("--num-batches", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("-o", "--output", help="checkpoint to write (default: update in place, atomically)")
-    p.set_defaults(func=cmd_calibrate)
+    p.add_argument("--num-batches", type=int, default=16, help="batches to calibrate on (warns if the data has fewer)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    p.add_argument("-o", "--output", help="checkpoint to write (default: update the input in place, atomically)")
 
-    p = sub.add_parser("summary", help="print the quantization decision table of a checkpoint")
-    p.add_argument("checkpoint")
-    p.set_defaults(func=cmd_summary)
+    p = _subcommand(sub, "summary", "print the quantization decision table of a checkpoint",
+                    "One row per weighted layer: INT8/INT4 or float, the rule that decided it, its quantizers.",
+                    commands.cmd_summary)
+    p.add_argument("checkpoint", help="QAT checkpoint from `qatgraph compile`")
 
-    p = sub.add_parser("export", help="export a calibrated checkpoint to ONNX Q/DQ (and lint it)")
-    p.add_argument("checkpoint")
-    p.add_argument("-o", "--output", default="model.onnx")
-    p.add_argument("--opset", type=int, default=17)
+    p = _subcommand(sub, "sensitivity", "rank layers by quantization sensitivity and write reports",
+                    "Fast mode: how far each layer's quantization moves the output; writes sensitivity.json, .md "
+                    "and .html.", commands.cmd_sensitivity)
+    p.add_argument("checkpoint", help="calibrated QAT checkpoint")
+    p.add_argument("--data", required=True, help=".pt/.npy file of inputs, or 'random'")
+    p.add_argument("--num-samples", type=int, default=256, help="samples to score on (warns if the data has fewer)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    p.add_argument("--out", default="sensitivity", help="directory for sensitivity.{json,md,html}")
+    p.add_argument("--cache-dir", help="directory to cache and resume per-layer results")
+
+
+def _add_deploy_commands(sub) -> None:
+    p = _subcommand(sub, "export", "export a calibrated checkpoint to ONNX Q/DQ and lint it",
+                    "Folds BatchNorm, writes QuantizeLinear/DequantizeLinear with INT8 weights and checks the file "
+                    "against TensorRT's rules (exit 1 on lint errors).", commands.cmd_export)
+    p.add_argument("checkpoint", help="calibrated QAT checkpoint")
+    p.add_argument("-o", "--output", default="model.onnx", help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (13-23; >= 18 uses the dynamo exporter)")
     p.add_argument("--static-batch", action="store_true", help="fixed batch size instead of a dynamic one")
-    p.set_defaults(func=cmd_export)
+    p.add_argument("--allow-data-dependent-branches", action="store_true",
+                   help="export a forward that branches on tensor values, keeping the branch the example takes")
 
-    p = sub.add_parser("lint", help="check an ONNX file against TensorRT's explicit-quantization rules")
-    p.add_argument("onnx", nargs="?")
-    p.add_argument("--target", default="tensorrt", choices=["tensorrt", "onnxruntime"])
+    p = _subcommand(sub, "lint", "check an ONNX file against TensorRT's explicit-quantization rules",
+                    "Names each node that breaks a rule and how to fix it (exit 1 on errors).", commands.cmd_lint)
+    p.add_argument("onnx", nargs="?", help="ONNX file to check")
+    p.add_argument("--target", default="tensorrt", choices=["tensorrt", "onnxruntime"], help="whose rules")
     p.add_argument("--rules", action="store_true", help="list the rules and exit")
-    p.set_defaults(func=cmd_lint)
 
-    p = sub.add_parser("parity", help="compare the PyTorch QAT model with its ONNX export in ONNX Runtime")
-    p.add_argument("checkpoint")
-    p.add_argument("onnx")
+    p = _subcommand(sub, "parity", "compare the trained QAT model with its ONNX export in ONNX Runtime",
+                    "Checks that the export copy computes what was trained (in PyTorch) and that ONNX Runtime "
+                    "computes what the file says, activation by activation (exit 1 when it fails).",
+                    commands.cmd_parity)
+    p.add_argument("checkpoint", help="the calibrated or trained QAT checkpoint")
+    p.add_argument("onnx", help="the ONNX file exported from it")
     p.add_argument("--data", default="random", help=".pt/.npy file of inputs, or 'random'")
-    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=64, help="samples to compare on")
     p.add_argument("--strict", action="store_true",
                    help="fail unless the free-running output is within one quantization step (1e-4 relative "
                         "if not quantized); by default the teacher-forced comparison may explain the difference")
-    p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("build-engine", help="build a TensorRT engine from a Q/DQ ONNX file")
-    p.add_argument("onnx")
-    p.add_argument("-o", "--output", default="model.engine")
-    p.add_argument("--workspace-gib", type=float, default=4.0)
-    p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=8)
-    p.add_argument("--max-batch", type=int, default=32)
+    p = _subcommand(sub, "build-engine", "build a TensorRT engine from a Q/DQ ONNX file",
+                    "Uses the TensorRT Python API, else trtexec; strongly typed (precision from the Q/DQ).",
+                    commands.cmd_build_engine)
+    p.add_argument("onnx", help="ONNX file from `qatgraph export`")
+    p.add_argument("-o", "--output", default="model.engine", help="engine file to write")
+    p.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace")
+    p.add_argument("--min-batch", type=int, default=1, help="smallest batch of the optimization profile")
+    p.add_argument("--opt-batch", type=int, default=8, help="batch the engine is tuned for")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch of the optimization profile")
     p.add_argument("--timing-cache", help="timing cache file to read and update")
-    p.set_defaults(func=cmd_build_engine)
 
-    p = sub.add_parser("sensitivity", help="rank layers by quantization sensitivity and write reports")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", required=True, help=".pt/.npy file of inputs, or 'random'")
-    p.add_argument("--num-samples", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", default="sensitivity", help="directory for sensitivity.{json,md,html}")
-    p.add_argument("--cache-dir", help="resume/cache directory")
-    p.set_defaults(func=cmd_sensitivity)
-
-    p = sub.add_parser("demo", help="end-to-end QAT on a real data set: FP32, PTQ, QAT, EfQAT, ONNX, ORT")
+    p = _subcommand(sub, "demo", "end-to-end QAT on a real data set",
+                    "FP32, PTQ, QAT and EfQAT on scikit-learn's digits (or CIFAR-10), sensitivity report, ONNX "
+                    "export, lint, ONNX Runtime accuracy, parity and latency.", commands.cmd_demo)
     p.add_argument("--out", default="qatgraph-demo", help="directory for every artifact")
-    p.add_argument("--data", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--data", default="digits", choices=["digits", "cifar10"], help="data set")
     p.add_argument("--data-dir", help="CIFAR-10 python-pickle directory (for --data cifar10)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for CI)")
-    p.set_defaults(func=cmd_demo)
-    return parser
+
+
+@contextlib.contextmanager
+def _current_directory_importable() -> Iterator[None]:
+    """``package.module:factory`` resolves from the current directory, as with ``python -m``."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+@contextlib.contextmanager
+def _plain_warnings(command: str) -> Iterator[None]:
+    """Warnings as ``qatgraph COMMAND: warning: ...`` lines, without a source location inside qatgraph."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"qatgraph {command}: warning: {message}", file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # exits 2 (EXIT_USAGE) on bad arguments, 0 for --help/--version
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return args.func(args)
-    except QatgraphError as exc:
-        print(f"qatgraph {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"qatgraph {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with _current_directory_importable(), _plain_warnings(args.command):
+        try:
+            return args.func(args)
+        except BackendUnavailableError as exc:
+            return _fail(args, "error", exc, EXIT_UNAVAILABLE)
+        except QatgraphError as exc:
+            return _fail(args, "error", exc, EXIT_USAGE)
+        except KeyboardInterrupt:
+            print(f"qatgraph {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # noqa: BLE001 - the last resort: one paragraph, the traceback only on request
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            message = (f"{type(exc).__name__}: {first}. This is a bug in qatgraph or a case it does not handle yet; "
+                       "run again with --verbose for the traceback and report it with the command line.")
+            return _fail(args, "internal error", message, EXIT_INTERNAL)
+
+
+def _fail(args: argparse.Namespace, kind: str, message: object, code: int) -> int:
+    if args.verbose:
+        traceback.print_exc()
+    print(f"qatgraph {args.command}: {kind}: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -7,14 +7,12 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 from torch import nn
 
+from .errors import QatgraphWarning  # noqa: F401 - its historical home; defined with the errors
+
 if TYPE_CHECKING:
     from qatgraph.graph.annotations import OpAnnotation
     from qatgraph.graph.tracing import TraceReport
     from qatgraph.policy import Policy
-
-
-class QatgraphWarning(UserWarning):
-    """Warnings qatgraph emits (nothing quantized, inexact folding, ...)."""
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,9 +35,11 @@ from qatgraph.passes import (
 )
 from qatgraph.policy import Policy
 from qatgraph.quant.qmodules import op_kind, quantize_module
+from qatgraph.quant.quantizer import FakeQuantizer
+from qatgraph.quant.state_checks import install_state_checks
 
-from .errors import QatgraphError, TraceError
-from .info import CompileInfo, LayerDecision, QatgraphWarning, keep_state_on_deepcopy
+from .errors import QatgraphError, TraceError, UsageError, warn
+from .info import CompileInfo, LayerDecision, keep_state_on_deepcopy
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qatgraph.compile expects an nn.Module, got {type(model).__name__}")
+    _refuse_compiled(model)
     policy = Policy.from_any(policy)
     example_args = _as_args(example_inputs)
     original_types = {name: type(m) for name, m in model.named_modules() if name}
@@ -93,14 +95,24 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     root.train(was_training)
     info = CompileInfo(policy=policy, trace_report=report, layers=decisions)
     keep_state_on_deepcopy(root)
+    install_state_checks(root)
     root.qatgraph_info = info
     root.trace_report = report
     freeze.apply(root, policy)
     if not any(d.quantized for d in decisions):
-        warnings.warn("qatgraph.compile quantized no layer: the model has no Conv/ConvTranspose/Linear/matmul that "
-                      "the policy quantizes (see qatgraph.summary for why each was skipped). The model is returned "
-                      "unchanged in function.", QatgraphWarning, stacklevel=2)
+        warn("qatgraph.compile quantized no layer: the model has no Conv/ConvTranspose/Linear/matmul that the policy "
+             "quantizes (see qatgraph.summary for why each was skipped). The model is returned unchanged in function.")
     return root
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """A compiled model holds FakeQuantizers: compiling it again would quantize the quantizers."""
+    name = next((name or "<root>" for name, m in model.named_modules() if isinstance(m, FakeQuantizer)), None)
+    if name is not None or hasattr(model, "qatgraph_info"):
+        where = f" (it contains the quantizer {name!r})" if name else ""
+        raise UsageError(f"qatgraph.compile got a model that qatgraph already compiled{where}. Compile the original "
+                         "float model instead, or keep using this one: it trains, calibrates and exports as it is "
+                         "(to change its policy, compile the float model again with the new policy).")
 
 
 def _as_args(example_inputs: Any) -> tuple | None:

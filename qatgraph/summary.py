@@ -1,8 +1,9 @@
 """``qatgraph.summary``: one table that makes every compile decision visible.
 
-For each weighted layer: its type, INT8 or floating point, the rule that decided it, its weight
-quantizer (bits, granularity, amax range) and the activation quantizer(s) feeding it. Then the
-trace report (what stayed eager and why) and the frozen set when EfQAT is on.
+For each weighted layer: its type, its precision (INT8, INT4, W4A8, ... from the bits of its weight
+and input quantizers) or floating point, the rule that decided it, its weight quantizer (bits,
+granularity, amax range) and the activation quantizer(s) feeding it. Then the trace report (what
+stayed eager and why) and the frozen set when EfQAT is on.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class SummaryRow:
     weight: str
     inputs: str
     frozen: str
+    precision: str = ""  # INT8, INT4, W4A8, ... for quantized layers; "float" otherwise
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Summary:
         for column in ("layer", "type", "status", "why", "weight", "input quantizer", "frozen"):
             table.add_column(column, overflow="fold")
         for row in self.rows:
-            status = "[green]INT8[/]" if row.status == "INT" else "[yellow]float[/]"
+            status = f"[green]{row.precision or 'INT8'}[/]" if row.status == "INT" else "[yellow]float[/]"
             table.add_row(row.layer, row.type_name, status, row.reason, row.weight, row.inputs, row.frozen)
         buffer = io.StringIO()
         console = Console(file=buffer, width=console_width, force_terminal=False, color_system=None)
@@ -68,7 +70,7 @@ def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
     controller = getattr(model, "qatgraph_freeze", None)
     frozen = controller.describe() if controller is not None else {}
     rows = [_row(decision, modules, frozen.get(decision.layer, "")) for decision in info.layers]
-    result = Summary(rows=rows, trace=info.trace_report.describe(), policy_name=info.policy.name)
+    result = Summary(rows=rows, trace=_describe_trace(info.trace_report), policy_name=info.policy.name)
     if print_table:
         print(result.render())
     return result
@@ -79,10 +81,34 @@ def _row(decision: LayerDecision, modules: dict[str, nn.Module], frozen: str) ->
     weight_quantizer = modules.get(decision.weight_quantizer or "")
     if isinstance(weight_quantizer, FakeQuantizer):
         weight = _describe(weight_quantizer)
+    input_quantizers = [modules[name] for name in decision.input_quantizers if isinstance(modules.get(name), FakeQuantizer)]
     inputs = ", ".join(f"{name} ({_describe(modules[name])})" for name in decision.input_quantizers
                        if isinstance(modules.get(name), FakeQuantizer))
+    precision = _precision(weight_quantizer if isinstance(weight_quantizer, FakeQuantizer) else None, input_quantizers)
     return SummaryRow(decision.layer, decision.type_name, "INT" if decision.quantized else "FP", decision.reason,
-                      weight, inputs, frozen)
+                      weight, inputs, frozen, precision if decision.quantized else "float")
+
+
+def _precision(weight: FakeQuantizer | None, inputs: list[FakeQuantizer]) -> str:
+    """``INT8`` when weight and inputs share a width, else ``W4A8`` and the like."""
+    weight_bits = {weight.spec.bits} if weight is not None and weight.is_enabled else set()
+    input_bits = {q.spec.bits for q in inputs if q.is_enabled}
+    widths = weight_bits | input_bits
+    if len(widths) == 1:
+        return f"INT{widths.pop()}"
+    if not widths:
+        return "INT8"
+    return "W{}A{}".format("/".join(map(str, sorted(weight_bits))) or "-", "/".join(map(str, sorted(input_bits))) or "-")
+
+
+def _describe_trace(report) -> str:
+    """The trace report, without "partially traced: nothing" when torch.fx traced no part at all."""
+    text = report.describe()
+    if not report.fully_traced and not report.traced:
+        _, _, rest = text.partition("\n")
+        text = "torch.fx traced no part of the model; its layers are quantized module-wise (eager)" + \
+            (("\n" + rest) if rest else "")
+    return text
 
 
 def _describe(quantizer: FakeQuantizer) -> str:

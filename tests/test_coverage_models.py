@@ -110,7 +110,7 @@ def case_params(names: list[str]) -> list[Any]:
 
 
 def parity_verdict(report: ParityReport) -> str:
-    """``exact`` (the strict criterion holds free-running), ``runtime rounding`` or ``failed``.
+    """``exact`` (the strict criterion holds free-running), ``near-tie rounding`` or ``failed``.
 
     ORT and PyTorch sum GEMMs and LayerNorms in different orders (and in a machine-dependent
     way: the kernels follow the CPU's vector width and thread count); a value within ~1e-5 step
@@ -120,7 +120,7 @@ def parity_verdict(report: ParityReport) -> str:
     """
     if report.strict_passed:
         return "exact"
-    return "runtime rounding" if report.passed else "failed"
+    return "near-tie rounding" if report.passed else "failed"
 
 
 @pytest.mark.parametrize("name", case_params(list(CASES)))

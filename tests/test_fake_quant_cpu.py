@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +153,48 @@ def test_build_directory_follows_cache_dir_torch_version_and_source(tmp_path, mo
     changed.write_text("// another source\n")
     monkeypatch.setattr(fake_quant_cpu_ext, "_SOURCE", changed)
     assert fake_quant_cpu_ext.build_directory() != directory  # a new source builds afresh
+
+
+def test_build_directory_is_keyed_by_the_install_and_the_compiler(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpp_extension's build.ninja embeds the torch install's and the source's absolute paths: two venvs
+    or clones sharing the cache used to rebuild each other's library (21-25 s) every time they alternated."""
+    monkeypatch.setenv("QATGRAPH_CACHE_DIR", str(tmp_path))
+    directory = fake_quant_cpu_ext.build_directory()
+    assert fake_quant_cpu_ext.build_directory() == directory  # stable while nothing changes
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+        assert fake_quant_cpu_ext.build_directory() != directory
+    with monkeypatch.context() as patch:
+        clone = tmp_path / "clone" / "fake_quant_cpu.cpp"
+        clone.parent.mkdir()
+        clone.write_bytes(fake_quant_cpu_ext._SOURCE.read_bytes())  # same contents, another clone
+        patch.setattr(fake_quant_cpu_ext, "_SOURCE", clone)
+        assert fake_quant_cpu_ext.build_directory() != directory
+    monkeypatch.setenv("CXX", "clang++")
+    assert fake_quant_cpu_ext.build_directory() != directory
+
+
+def test_every_build_is_announced(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Before, the notice printed only when no library existed: a rebuild ninja decided on was silent."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("QATGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("QATGRAPH_CPU_KERNEL", raising=False)
+    builds = {"touch": True}
+
+    def fake_load(name, sources, build_directory, **_):
+        library = Path(build_directory) / f"{name}.so"
+        if builds["touch"] or not library.exists():
+            library.write_bytes(os.urandom(8))
+            os.utime(library, ns=(time.time_ns() + 10**9,) * 2)  # a newer file, as after a compile
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert fake_quant_cpu_ext.build() is not None
+    assert "compiling the CPU fake-quant kernel" in capsys.readouterr().err
+    assert fake_quant_cpu_ext.build() is not None  # ninja rebuilt although a library was there
+    assert "rebuilt the CPU fake-quant kernel" in capsys.readouterr().err
+    builds["touch"] = False
+    assert fake_quant_cpu_ext.build() is not None  # loaded as it was: nothing to say
+    assert capsys.readouterr().err == ""
+    assert (fake_quant_cpu_ext.build_directory() / "build-inputs.json").exists()

@@ -70,7 +70,7 @@ def test_quantize_module_keeps_names_and_type(case: str) -> None:
     parameter_ids = {name: id(p) for name, p in module.named_parameters()}
     returned = quantize_module(module, WEIGHT_SPEC, "block.layer")
     assert returned is module and type(module) is quant_class and isinstance(module, original_class)
-    quantizer_keys = {f"weight_quantizer.{k}" for k in ("scale", "zero_point", "enabled", "calibrated")}
+    quantizer_keys = {f"weight_quantizer.{k}" for k in ("scale", "zero_point", "enabled", "calibrated", "_extra_state")}
     assert set(module.state_dict()) == set(original_state) | quantizer_keys
     assert all(torch.equal(module.state_dict()[k], v) for k, v in original_state.items())
     # The same Parameter objects: an optimizer built before compile would still update them.

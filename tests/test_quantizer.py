@@ -28,6 +28,7 @@ from qatgraph import (
 )
 from qatgraph.ops.fake_quant_cpu import fake_quantize_cpu
 from qatgraph.quant.quantizer import fake_quantize_reference, scale_zero_point
+from qatgraph.quant.state_format import QuantizerFormat
 
 INT8_ACT = QuantSpec(bits=8, symmetric=True)                                   # [-128, 127]
 UINT8_ACT = QuantSpec(bits=8, symmetric=False)                                 # [0, 255]
@@ -318,7 +319,9 @@ def test_state_dict_round_trip_into_fresh_quantizer(spec: QuantSpec, axis: int |
     source.calibrate_from(data + 0.5)
     source.disable()
     state = source.state_dict()
-    assert set(state) == {"scale", "zero_point", "enabled", "calibrated"}
+    assert set(state) == {"scale", "zero_point", "enabled", "calibrated", "_extra_state"}  # + its format
+    saved = QuantizerFormat.from_state(state["_extra_state"])
+    assert (saved.bits, saved.signed, saved.axis, saved.channels) == (8, axis is not None, axis, None if axis is None else 4)
     fresh = FakeQuantizer(spec, axis=axis, num_channels=4, name="dst", is_weight=axis is not None)
     assert not fresh.is_calibrated and fresh.is_enabled
     fresh.load_state_dict(state)

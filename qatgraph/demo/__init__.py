@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qatgraph.atomic_files import write_text
 from qatgraph.progress import progress
 
 from .data import DemoData, load_cifar10_data, load_digits_data
@@ -134,10 +135,7 @@ def run_demo(out_dir: str = "qatgraph-demo", data: str = "digits", data_dir: str
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(temporary, path)
+    write_text(path, json.dumps(payload, indent=2, default=str), "demo summary")
 
 
 __all__ = ["run_demo", "DemoSettings", "DemoResult", "accuracy"]

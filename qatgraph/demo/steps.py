@@ -117,13 +117,13 @@ def _onnxruntime_preset_model(fp_model: nn.Module, data: DemoData) -> nn.Module:
 def _export_fp32(model: nn.Module, path: str, example: torch.Tensor) -> None:
     import warnings
 
-    temporary = path + ".tmp"
-    with warnings.catch_warnings():
+    from qatgraph.atomic_files import atomic_path
+
+    with warnings.catch_warnings(), atomic_path(path, "ONNX model") as temporary:
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (example,), temporary, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                           dynamo=False)
-    os.replace(temporary, path)
 
 
 def print_table(result: DemoResult, out_dir: str) -> None:

@@ -99,6 +99,11 @@ def partial_weight_grad_linear(
             "install triton or use backend='auto' for the torch path")
     if grad_out.is_cuda:
         return torch.ops.qatgraph.partial_wgrad_linear_triton(grad_out, x, row_index, x.dtype)
+    if os.environ.get("TRITON_INTERPRET") != "1":  # else Triton fails with "0 active drivers"
+        raise BackendUnavailableError(
+            f"partial_weight_grad_linear(backend='triton'): the tensors are on {grad_out.device}, and Triton runs on "
+            "CUDA GPUs (CPU tensors only under TRITON_INTERPRET=1, for testing). Move the tensors to a GPU, or use "
+            "backend='auto', which takes the torch path on the CPU.")
     from qatgraph.kernels.partial_wgrad_triton import partial_wgrad_triton
 
     return partial_wgrad_triton(grad_out, x, row_index, out_dtype=x.dtype)

@@ -1,6 +1,13 @@
-"""``qatgraph.calibrate``: post-training calibration of activation scales (the QAT starting point)."""
+"""``qatgraph.calibrate``: post-training calibration of activation scales (the QAT starting point).
+
+Refuses, in one paragraph each: a model that was never compiled (it has no quantizer), batches
+that do not fit ``forward`` (e.g. ``(inputs, labels)`` pairs without ``input_fn``), and a batch the
+model fails on (wrong shape), naming the batch and what it held. Warns when the data held fewer
+batches than ``num_batches`` asked for.
+"""
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -10,7 +17,7 @@ import torch
 from torch import nn
 
 from qatgraph.distributed import all_reduce, gather_failures, is_main_process, unwrap
-from qatgraph.errors import CalibrationError
+from qatgraph.errors import CalibrationError, QatgraphError, UsageError, plural, warn
 from qatgraph.progress import progress
 
 from .calibration_merge import merge_across_processes
@@ -72,6 +79,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     if num_batches is not None and num_batches <= 0:
         raise CalibrationError(f"num_batches={num_batches}: use a positive number of batches (or None for all)")
     model = unwrap(model)
+    check_compiled(model, "qatgraph.calibrate")
     quantizers = [(n, q) for n, q in iter_quantizers(model) if q.is_enabled]
     activations = [(n, q) for n, q in quantizers if not q.is_weight]
     for _, quantizer in quantizers:
@@ -86,7 +94,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     for _, quantizer in activations:
         quantizer.start_calibration()
     try:
-        seen = _collect(model, batches, num_batches, input_fn, device, show_progress)
+        local, seen = _collect(model, batches, num_batches, input_fn, device, show_progress)
         if seen == 0:
             raise CalibrationError("the calibration data yielded no batches: pass a non-empty iterable of input "
                                    "batches (e.g. a DataLoader or a list of tensors)")
@@ -98,25 +106,83 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         model.train(was_training)
     for quantizer, (lo, hi) in ranges:
         quantizer.set_range(lo, hi)
+    if num_batches is not None and local < num_batches:
+        warn(f"qatgraph.calibrate: asked for {plural(num_batches, 'batch')}, the data held only {local}; the scales "
+             f"come from those {plural(local, 'batch')}. Pass more data (or num_batches={local} to silence this).")
     if is_main_process():
         log.info("qatgraph.calibrate: %d activation quantizers calibrated from %d batches", len(activations), seen)
     return {name: float(q.amax().max()) for name, q in activations}
 
 
 def _collect(model: nn.Module, batches: Iterable[Any], num_batches: int | None,
-             input_fn: Callable[[Any], Any] | None, device: torch.device | None, show_progress: bool) -> int:
-    """Run the batches through the collecting model; returns how many batches all ranks ran."""
+             input_fn: Callable[[Any], Any] | None, device: torch.device | None,
+             show_progress: bool) -> tuple[int, int]:
+    """Run the batches through the collecting model; returns (batches this rank ran, all ranks ran)."""
     seen, failure = 0, None
     try:
         stream = itertools.islice(batches, num_batches) if num_batches is not None else batches
         total = num_batches if num_batches is not None else _length(batches)
         for item in progress(stream, total=total, desc="calibrating", unit="batch", enabled=show_progress):
-            run_batch(model, input_fn(item) if input_fn is not None else item, device)
             seen += 1
+            run_checked(model, input_fn(item) if input_fn is not None else item, device, seen, input_fn is not None)
     except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it before the merge's collectives
         failure = exc
     gather_failures(failure, "calibration")
-    return int(all_reduce(torch.tensor([seen], dtype=torch.float64), "sum")[0])
+    return seen, int(all_reduce(torch.tensor([seen], dtype=torch.float64), "sum")[0])
+
+
+def check_compiled(model: nn.Module, caller: str) -> None:
+    """Refuse a model that ``qatgraph.compile`` never saw: it has no quantizer to work with."""
+    if not hasattr(model, "qatgraph_info") and not any(isinstance(m, FakeQuantizer) for m in model.modules()):
+        raise UsageError(f"{caller}: {type(model).__name__} has no qatgraph quantizer, it was not compiled. Compile it "
+                         "first: qmodel = qatgraph.compile(model, 'tensorrt', example_inputs=(x,)), then pass qmodel.")
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        parts = [f"shape {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch]
+        return f"a {type(batch).__name__} of {plural(len(batch), 'item')} ({', '.join(parts)})"
+    if isinstance(batch, dict):
+        return f"a dict with keys {', '.join(map(str, batch))}"
+    return f"a {type(batch).__name__}"
+
+
+def _forward_accepts(model: nn.Module, batch: Any) -> str | None:
+    """Why ``model(batch)`` cannot bind to forward's parameters, or None when it can (or cannot be told)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    try:
+        if isinstance(batch, dict):
+            signature.bind(**batch)
+        elif isinstance(batch, (tuple, list)):
+            signature.bind(*batch)
+        else:
+            signature.bind(batch)
+    except TypeError as exc:
+        return f"forward{signature} does not take it ({exc})"
+    return None
+
+
+def run_checked(model: nn.Module, batch: Any, device: torch.device | None, index: int, mapped: bool) -> Any:
+    """:func:`run_batch` with a one-paragraph error naming the batch when it does not fit the model."""
+    mismatch = _forward_accepts(model, batch)
+    if mismatch is not None:
+        hint = " If the batches are (inputs, labels) pairs, pass input_fn=lambda batch: batch[0]." \
+            if isinstance(batch, (tuple, list)) and not mapped else " Map each item to forward's arguments with input_fn."
+        raise CalibrationError(f"calibration batch {index} is {_describe(batch)}, but {mismatch}.{hint}")
+    try:
+        return run_batch(model, batch, device)
+    except QatgraphError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationError(f"running the model on calibration batch {index} ({_describe(batch)}) failed: "
+                               f"{type(exc).__name__}: {first_line}. Check that the batches have the shape and "
+                               "dtype the model was compiled for (its example_inputs).") from exc
 
 
 def _recalibrate_weight(model: nn.Module, quantizer: FakeQuantizer) -> None:

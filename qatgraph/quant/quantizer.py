@@ -43,6 +43,7 @@ from qatgraph.ops.fake_quant_cuda import (
 from qatgraph.policy import QuantSpec
 
 from .calibrators import Calibrator, make_calibrator
+from .state_format import check_stored_format, fill_missing_format, format_of
 
 _MIN_AMAX = 1e-8  # an all-zero tensor still gets a valid (positive) scale
 
@@ -143,6 +144,8 @@ class FakeQuantizer(nn.Module):
         self._enabled_flag = True
         self._calibrated_flag = False
         self.register_load_state_dict_post_hook(_sync_flags)
+        # the saved state carries the format (state_format): refused before copying when it differs
+        self._register_load_state_dict_pre_hook(fill_missing_format, with_module=True)
         self.collecting = False
         self.range_frozen = False
         self._calibrator: Calibrator | None = None
@@ -311,6 +314,13 @@ class FakeQuantizer(nn.Module):
         if x.device.type == "cpu" and x.dtype == torch.float32:
             return fake_quantize_cpu(x, scale, zero_point, self.qmin, self.qmax, self.axis)
         return fake_quantize_reference(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+
+    def get_extra_state(self) -> dict:
+        """Saved with the scale: bits, signedness, symmetry, axis, channels (see ``state_format``)."""
+        return format_of(self).to_state()
+
+    def set_extra_state(self, state) -> None:
+        check_stored_format(self, state)  # the format itself comes from the policy, never from the state
 
     def extra_repr(self) -> str:
         spec = self.spec

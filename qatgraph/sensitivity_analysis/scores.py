@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from qatgraph.distributed import unwrap
-from qatgraph.errors import SensitivityError, did_you_mean
+from qatgraph.errors import SensitivityError, did_you_mean, plural, warn
 from qatgraph.policy import SensitivityConfig
 from qatgraph.quant.calibrate import model_device, run_batch
 from qatgraph.quant.quantizer import FakeQuantizer, iter_quantizers
@@ -89,6 +89,7 @@ from .sharing import check_same_everywhere, shared_map, shared_results
 log = logging.getLogger(__name__)
 
 MODES = ("fast", "full")
+FEW_SAMPLES = 32  # fewer samples than asked, and fewer than this: the ranking is noise-prone, say so
 __all__ = ["MODES", "LayerQuantizers", "SensitivityReport", "SkipRecommendation", "agreement_metric", "apply_skip",
            "auto_skip", "layer_quantizers", "recommend_skip", "sensitivity"]
 
@@ -104,6 +105,10 @@ def sensitivity(qmodel: nn.Module, data: Iterable[Any], metric: Metric | None = 
     info, probe = _compile_info(qmodel), _Probe(qmodel)
     batches, items, count = _materialize(data, input_fn, num_samples, model_device(qmodel))
     check_same_everywhere(qmodel, items)
+    if num_samples is not None and count < min(num_samples, FEW_SAMPLES):
+        warn(f"qatgraph.sensitivity: num_samples={num_samples}, but the data held only {plural(count, 'sample')}; the "
+             "scores rest on those and rank layers unsteadily. Pass more data (at least "
+             f"{min(num_samples, FEW_SAMPLES)} samples).")
     options = {"mode": mode, "num_samples": count, "gradient": gradient, "top_k": top_k, "layers": probe.layers,
                "metric": _qualname(metric), "loss_fn": _qualname(loss_fn), "version": 1}
     results = _result_log(cache_dir, qmodel, info, items, options)  # items, not batches: labels matter to loss_fn
