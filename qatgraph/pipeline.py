@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qatgraph.graph.annotations import op_annotation
-from qatgraph.graph.tracing import trace_model
+from qatgraph.graph.build import build_graph
 from qatgraph.passes import (
     annotate,
     attention,
@@ -67,17 +67,17 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
         raise TypeError(f"qatgraph.compile expects an nn.Module, got {type(model).__name__}")
     _refuse_compiled(model)
     policy = Policy.from_any(policy)
-    example_args = _as_args(example_inputs)
+    example_args, example_kwargs = _as_args(example_inputs)
     original_types = {name: type(m) for name, m in model.named_modules() if name}
     work = copy.deepcopy(model)
     was_training = work.training
-    root, report = trace_model(work, policy)
+    root, report = build_graph(work, policy, example_args, example_kwargs)
     regions = _graph_regions(root)
     if not regions and not _eager_layers(root, regions):
         raise TraceError("torch.fx could not trace any part of the model and it has no Conv/Linear layer to "
                          "quantize module-wise. " + "; ".join(u.describe() for u in report.untraced))
-    if example_args is not None:
-        _propagate_shapes(root, regions, example_args)
+    if example_args is not None or example_kwargs:
+        _propagate_shapes(root, regions, example_args or (), example_kwargs, model)
     decisions: list[LayerDecision] = []
     matmul_layers: dict[str, type] = {}
     for prefix, region in regions:
@@ -115,15 +115,18 @@ def _refuse_compiled(model: nn.Module) -> None:
                          "(to change its policy, compile the float model again with the new policy).")
 
 
-def _as_args(example_inputs: Any) -> tuple | None:
+def _as_args(example_inputs: Any) -> tuple[tuple | None, dict[str, Any]]:
+    """(positional arguments or None, keyword arguments) of forward."""
     if example_inputs is None:
-        return None
+        return None, {}
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return (example_inputs,), {}
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor or a tuple of forward's positional arguments, "
-                    f"not {type(example_inputs).__name__}")
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
+        return None, dict(example_inputs)
+    raise TypeError("example_inputs must be a tensor, a tuple of forward's positional arguments or a dict of its "
+                    f"keyword arguments (e.g. a tokenizer's output), not {type(example_inputs).__name__}")
 
 
 def _graph_regions(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
@@ -171,29 +174,69 @@ def _quantize_eager_layers(root: nn.Module, regions: Sequence[tuple[str, fx.Grap
     return decisions
 
 
-def _propagate_shapes(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]], example_args: tuple) -> None:
+def _propagate_shapes(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]], example_args: tuple,
+                      example_kwargs: dict[str, Any], original: nn.Module) -> None:
     """Record tensor shapes on every node (``tensor_meta``) by running the example inputs."""
     captured: dict[str, tuple] = {}
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict, name: str) -> None:
+        if name not in captured:
+            captured[name] = _bind_placeholders(module, args, kwargs)
+
     hooks = [region.register_forward_pre_hook(
-        lambda _m, args, _name=name: captured.setdefault(_name, args)) for name, region in regions]
+        lambda m, args, kwargs, _name=name: capture(m, args, kwargs, _name), with_kwargs=True)
+        for name, region in regions]
     was_training = root.training
     root.eval()  # eval for both runs: batch-1 inputs must not trip BatchNorm, nor move its running statistics
     try:
         try:
             with torch.no_grad():
-                root(*example_args)
+                root(*example_args, **example_kwargs)
         except Exception as exc:
-            raise QatgraphError(f"running the model on example_inputs failed before quantization: {exc}. "
-                                "Pass example_inputs that the model's forward accepts (a tensor or a tuple).") from exc
+            raise _blame(exc, original, example_args, example_kwargs) from exc
         finally:
             for hook in hooks:
                 hook.remove()
         for name, region in regions:
-            if name in captured:
+            if captured.get(name) is not None:
                 with torch.no_grad():
                     _ShapeProp(region).propagate(*captured[name])
     finally:
         root.train(was_training)
+
+
+def _bind_placeholders(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """The call's arguments in placeholder order (None when keywords cannot be bound)."""
+    if not kwargs:
+        return tuple(args)
+    placeholders = [str(n.target) for n in module.graph.nodes if n.op == "placeholder"]  # type: ignore[union-attr]
+    if any(p.startswith("*") for p in placeholders):
+        return None
+    values = dict(zip(placeholders, args))
+    values.update(kwargs)
+    if set(values) - set(placeholders) or set(placeholders) - set(values):
+        return None
+    return tuple(values[p] for p in placeholders)
+
+
+def _blame(exc: Exception, original: nn.Module, args: tuple, kwargs: dict[str, Any]) -> QatgraphError:
+    """The error for a failed example run: the user's inputs if the original model fails on them
+    too, else qatgraph's traced model."""
+    was_training = original.training
+    original.eval()
+    try:
+        with torch.no_grad():
+            original(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure of the user's own model on the inputs
+        return QatgraphError(f"running the model on example_inputs failed before quantization: {exc}. Pass "
+                             "example_inputs that the model's forward accepts (a tensor, a tuple of positional "
+                             "arguments or a dict of keyword arguments).")
+    finally:
+        original.train(was_training)
+    return QatgraphError(f"the traced model fails on example_inputs where the original model runs ({type(exc).__name__}: "
+                         f"{exc}): a qatgraph tracing defect, please report it. To work around it, mark the module "
+                         "named in the traceback a leaf (policy tracing.leaf_modules) or set tracing.frontend: "
+                         "export.")
 
 
 class _ShapeProp(ShapeProp):

@@ -99,6 +99,7 @@ def export_graph(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | No
     _restore_non_persistent_buffers(gm, model)
     gm.meta["qatgraph_frontend"] = "torch.export"
     gm.meta["qatgraph_outputs"] = str(program.call_spec.out_spec)  # what the flat outputs were, for users
+    gm.meta["qatgraph_out_spec"] = program.call_spec.out_spec  # build.restore_outputs rebuilds the structure
     modules = sum(node.op == "call_module" for node in graph.nodes)
     log.info("qatgraph.graph.frontends: exported %s with torch.export: %d module calls, %d other ops",
              type(model).__name__, modules, sum(node.op in ("call_function", "call_method") for node in graph.nodes))

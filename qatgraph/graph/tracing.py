@@ -1,9 +1,11 @@
 """Tracing with torch.fx, with partial tracing when the whole model cannot be traced.
 
-``trace_model`` first traces the root with the policy's leaf modules and ``concrete_args``. If
-that fails and ``policy.tracing.partial`` is on, it traces the largest submodules that can be
-traced (each becomes a ``GraphModule`` in place of the original child, keeping its parameter
-names) and leaves the rest eager. Every failure is recorded with the module, the source line
+:func:`trace_module` traces a module with the policy's leaf modules and ``concrete_args``. When
+the whole model cannot be traced (by torch.fx, nor by torch.export: qatgraph/graph/build.py
+decides) and ``policy.tracing.partial`` is on, :func:`trace_children` traces the largest
+submodules that can be traced (each becomes a ``GraphModule`` in place of the original child,
+keeping its parameter names; a traced ``nn.Sequential`` still indexes, iterates and has a
+``len()``) and leaves the rest eager. Every failure is recorded with the module, the source line
 torch.fx stopped at, and the fix to try, in a :class:`TraceReport`.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from qatgraph.errors import TraceError
 from qatgraph.policy import Policy
 from qatgraph.quant.qmodules import op_kind
 
@@ -50,19 +51,22 @@ class TraceReport:
     traced: list[str] = field(default_factory=list)
     untraced: list[UntracedModule] = field(default_factory=list)
     eager_layers: list[str] = field(default_factory=list)
+    frontend: str = "torch.fx"  # or "torch.export" (qatgraph/graph/build.py)
+    frontend_notes: list[str] = field(default_factory=list)  # why the frontends before it were not used
 
     @property
     def fully_traced(self) -> bool:
         return self.traced == [""]
 
     def describe(self) -> str:
+        notes = "".join(f"\n  {note}" for note in self.frontend_notes)
         if self.fully_traced:
-            return "traced the whole model with torch.fx"
+            return f"traced the whole model with {self.frontend}" + notes
         lines = ["partially traced: " + (", ".join(n or "<root>" for n in self.traced) or "nothing")]
         lines += ["  untraced " + u.describe() for u in self.untraced]
         if self.eager_layers:
             lines.append("  quantized module-wise (eager): " + ", ".join(self.eager_layers))
-        return "\n".join(lines)
+        return "\n".join(lines) + notes
 
 
 class QatTracer(fx.Tracer):
@@ -87,46 +91,57 @@ def trace_module(module: nn.Module, policy: Policy, prefix: str = "",
                  concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     tracer = QatTracer(policy.tracing.leaf_modules, prefix)
     graph = tracer.trace(module, concrete_args=concrete_args or None)
-    graph_module = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+    if isinstance(module, nn.Sequential):
+        graph_module: fx.GraphModule = SequentialGraphModule(tracer.root, graph, module.__class__.__name__)
+        graph_module.meta["qatgraph_sequence"] = list(module._modules)
+    else:
+        graph_module = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
     graph_module.meta["qatgraph_prefix"] = prefix
     return graph_module
 
 
-def trace_model(model: nn.Module, policy: Policy) -> tuple[nn.Module, TraceReport]:
-    """Trace ``model`` (already a private copy: children may be replaced in place)."""
-    report = TraceReport()
-    try:
-        graph_module = trace_module(model, policy, "", policy.tracing.concrete_args)
-        report.traced.append("")
-        return graph_module, report
-    except Exception as exc:  # torch.fx raises many types; each is reported with its source line
-        failure = describe_failure(exc, model, "")
-        if not policy.tracing.partial:
-            raise TraceError("torch.fx cannot trace the model: " + failure.describe() +
-                             " (partial tracing is off: set tracing.partial: true to quantize the traceable parts)") from None
-        report.untraced.append(failure)
-        log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
-    _trace_children(model, "", policy, report)
-    return model, report
-
-
-def _trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport) -> None:
+def trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport) -> None:
+    """Replace each traceable child of ``module`` (recursively) by its GraphModule."""
     tracer_for_leaves = QatTracer(policy.tracing.leaf_modules, prefix)
     for child_name, child in list(module.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
         if not _has_quantizable(child):
             continue
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and child_name not in policy.tracing.leaf_modules:
-            _trace_children(child, name, policy, report)  # containers have no forward of their own
+            trace_children(child, name, policy, report)  # containers have no forward of their own
             continue
         if tracer_for_leaves.is_leaf_module(child, child_name):
             continue
         try:
-            setattr(module, child_name, trace_module(child, policy, name))
-            report.traced.append(name)
+            traced = trace_module(child, policy, name)
         except Exception as exc:
             report.untraced.append(describe_failure(exc, child, name))
-            _trace_children(child, name, policy, report)
+            trace_children(child, name, policy, report)
+            continue
+        setattr(module, child_name, traced)
+        report.traced.append(name)
+
+
+class SequentialGraphModule(fx.GraphModule):
+    """The GraphModule of a traced ``nn.Sequential``: it still indexes, iterates and has a
+    ``len()`` like the container it replaces (the parent's untraced forward may do
+    ``self.body[0](x)``, ``self.body[-1].out_channels`` or ``for layer in self.body``), over the
+    same module objects the graph calls."""
+
+    def _sequence(self) -> list[nn.Module]:
+        return [self.get_submodule(name) for name in self.meta["qatgraph_sequence"]]
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        layers = self._sequence()
+        if isinstance(index, slice):
+            return nn.Sequential(*layers[index])
+        return layers[index]
+
+    def __len__(self) -> int:
+        return len(self.meta["qatgraph_sequence"])
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of modules
+        return iter(self._sequence())
 
 
 def _has_quantizable(module: nn.Module) -> bool:

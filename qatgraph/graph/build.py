@@ -1,0 +1,151 @@
+"""Choosing the frontend that builds the graph ``compile`` quantizes (``policy.tracing.frontend``).
+
+* ``auto`` (default): torch.fx traces the whole model if it can. If it cannot and ``compile``
+  got example inputs, the torch.export frontend (:func:`.frontends.export_graph`) builds a
+  module-level graph of the whole model (Hugging Face transformers 5 models land here). If that
+  fails too, or there are no example inputs to export with, partial torch.fx tracing quantizes
+  the traceable submodules and the rest module-wise.
+* ``fx``: torch.fx, then partial tracing (the behaviour before the torch.export frontend).
+* ``export``: torch.export only (needs example inputs); its failure is a TraceError.
+
+The :class:`~.tracing.TraceReport` says which frontend ran and why the one before it failed.
+
+A model built by torch.export returns its outputs in the structure ``forward`` returned them
+(a Hugging Face ``ModelOutput``, a dict, a tuple): the graph computes the flattened tensors and
+``forward`` rebuilds the structure (:class:`RestoredOutputs`). What stays different from the
+original model (see docs/coverage.md): the graph was built in eval mode (Python branches on
+``self.training`` keep their eval values; ``Dropout``/``BatchNorm`` modules still follow
+``train()``/``eval()``), ``forward`` takes the tensor inputs the example had (non-tensor
+arguments such as ``return_dict`` or ``output_attentions`` were fixed at their example values),
+and outputs that were ``None`` in the example are ``None`` always.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
+
+from qatgraph.errors import TraceError, UsageError
+from qatgraph.policy import Policy
+
+from .frontends import export_graph
+from .tracing import TraceReport, describe_failure, trace_children, trace_module
+
+log = logging.getLogger(__name__)
+
+# Wrappers compile keeps as they are (their ``module`` is traced): exporting would drop the wrapper.
+WRAPPERS: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
+                kwargs: dict[str, Any] | None) -> tuple[nn.Module, TraceReport]:
+    """The traced model (``model`` is compile's private copy: children may be replaced in
+    place) and its report, by the frontend ``policy.tracing.frontend`` picks."""
+    frontend = policy.tracing.frontend
+    have_examples = args is not None or bool(kwargs)
+    report = TraceReport()
+    if frontend == "export":
+        if not have_examples:
+            raise UsageError("tracing.frontend: export needs example inputs: pass example_inputs to qatgraph.compile "
+                             "(a tensor, a tuple of forward's arguments, or a dict of keyword arguments)")
+        report.frontend_notes.append("tracing.frontend is 'export'")
+        return _exported(model, args, kwargs, report), report
+    try:
+        graph_module = trace_module(model, policy, "", policy.tracing.concrete_args)
+        report.traced.append("")
+        return graph_module, report
+    except Exception as exc:  # torch.fx raises many types; each is reported with its source line
+        failure = describe_failure(exc, model, "")
+    where = f" at {failure.location}" if failure.location else ""
+    report.frontend_notes.append(f"torch.fx cannot trace the whole model ({failure.type_name}){where}: {failure.reason}")
+    if frontend == "auto":
+        if isinstance(model, WRAPPERS):
+            report.frontend_notes.append(f"torch.export not tried: {type(model).__name__} is a wrapper; partial "
+                                         "tracing traces the wrapped module and keeps the wrapper")
+        elif have_examples:
+            try:
+                return _exported(model, args, kwargs, report), report
+            except TraceError as exc:
+                report.frontend_notes.append(f"torch.export failed too: {exc}")
+                log.warning("qatgraph: neither torch.fx nor torch.export can trace the whole model (%s)",
+                            str(exc).split(". ")[0])
+        else:
+            report.frontend_notes.append("torch.export not tried: compile got no example_inputs (pass them to let "
+                                         "tracing.frontend: auto export the whole model)")
+    if not policy.tracing.partial:
+        raise TraceError("cannot trace the model: " + "; ".join(report.frontend_notes) +
+                         " (partial tracing is off: set tracing.partial: true to quantize the traceable parts)")
+    report.untraced.append(failure)
+    log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
+    trace_children(model, "", policy, report)
+    return model, report
+
+
+def _exported(model: nn.Module, args: tuple | None, kwargs: dict[str, Any] | None,
+              report: TraceReport) -> fx.GraphModule:
+    args, kwargs = args or (), kwargs or {}
+    graph_module = export_graph(model, args, kwargs, dynamic_shapes=_all_dims_dynamic(model, args, kwargs))
+    restore_outputs(graph_module)
+    graph_module.meta["qatgraph_prefix"] = ""
+    report.traced.append("")
+    report.frontend = "torch.export"
+    return graph_module
+
+
+def _all_dims_dynamic(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``Dim.AUTO`` for every dimension of every tensor input: the graph then serves other batch
+    sizes, sequence lengths and image sizes than the example's, as the model did (torch.export
+    keeps a dimension static only where the model needs it)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TraceError(f"the example inputs do not match {type(model).__name__}.forward: {exc}") from None
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        spec = pytree.tree_map(lambda leaf, arg=name: _auto_dims(leaf, arg), value)
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            shapes.update(spec)
+        else:
+            shapes[name] = spec
+    return shapes
+
+
+def _auto_dims(leaf: Any, name: str) -> Any:
+    if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+        return None
+    if leaf.shape[0] < 2:
+        raise TraceError(f"input {name!r} has batch size {leaf.shape[0]}: torch.export fixes dimensions of size 0 "
+                         "or 1, so the example inputs need a batch of at least 2 for a graph that serves any batch")
+    return {dim: torch.export.Dim.AUTO for dim in range(leaf.dim())}
+
+
+# ---------------------------------------------------------------------------- output structure
+class RestoredOutputs(_PyTreeCodeGen):
+    """Code generation that keeps the graph's plain positional inputs and rebuilds the
+    outputs' pytree structure (``pytree.tree_unflatten(flat, self._out_spec)``)."""
+
+    def __init__(self, out_spec: pytree.TreeSpec) -> None:
+        super().__init__(_PyTreeInfo([], None, out_spec))
+
+    def process_inputs(self, *inputs: Any) -> Any:
+        return CodeGen.process_inputs(self, *inputs)
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *, expanded_def: bool = False) -> str:
+        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+
+
+def restore_outputs(graph_module: fx.GraphModule) -> None:
+    """Make an exported GraphModule return what the model returned, not the flat tensors."""
+    spec = graph_module.meta.get("qatgraph_out_spec")
+    if spec is None or spec.is_leaf():
+        return
+    output = next(node for node in graph_module.graph.nodes if node.op == "output")
+    if isinstance(output.args[0], fx.Node):  # one flat tensor: tree_unflatten wants a sequence
+        output.args = ((output.args[0],),)
+    graph_module.graph._codegen = RestoredOutputs(spec)
+    graph_module.recompile()
