@@ -35,7 +35,7 @@ from onnx import TensorProto
 from torch import nn
 
 from qatgraph.errors import ExportError, listing
-from qatgraph.graph.folding import fold_graph_batchnorm
+from qatgraph.graph.folding import fold_eager_batchnorm, fold_graph_batchnorm
 from qatgraph.quant.quantizer import (
     FakeQuantizer,
     fake_quantize_reference,
@@ -243,11 +243,16 @@ def check_calibrated(model: nn.Module) -> None:
                           "run qatgraph.calibrate first (qatgraph.calibrate(model, batches)), or disable them.")
 
 
-def prepare_for_export(qmodel: nn.Module, opset: int) -> tuple[nn.Module, list[str]]:
-    """(export module, folded BN names): a deep copy in eval mode with BN folded and quantizers swapped."""
+def prepare_for_export(qmodel: nn.Module, opset: int, args: tuple | None = None) -> tuple[nn.Module, list[str]]:
+    """(export module, folded BN names): a deep copy in eval mode with BN folded and quantizers swapped.
+
+    With the example ``args``, BNs that follow a weighted layer in untraced (eager) code are
+    folded too (:func:`~qatgraph.graph.folding.fold_eager_batchnorm`)."""
     check_calibrated(qmodel)
     model = copy.deepcopy(qmodel).eval()
     folded = fold_batchnorm(model)
+    if args is not None:
+        folded += fold_eager_batchnorm(model, args, snap_to_codes=True)
     counts = {"weights": 0, "activations": 0, "disabled": 0}
     for layer in list(model.modules()):
         quantizer = getattr(layer, "weight_quantizer", None)

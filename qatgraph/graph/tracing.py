@@ -125,23 +125,86 @@ def trace_children(module: nn.Module, prefix: str, policy: Policy, report: Trace
 class SequentialGraphModule(fx.GraphModule):
     """The GraphModule of a traced ``nn.Sequential``: it still indexes, iterates and has a
     ``len()`` like the container it replaces (the parent's untraced forward may do
-    ``self.body[0](x)``, ``self.body[-1].out_channels`` or ``for layer in self.body``), over the
-    same module objects the graph calls."""
+    ``self.body[0](x)``, ``self.body[-1].out_channels`` or ``for layer in self.body``).
 
-    def _sequence(self) -> list[nn.Module]:
-        return [self.get_submodule(name) for name in self.meta["qatgraph_sequence"]]
+    Item ``i`` is the part of the graph that child ``i`` became, quantizers included (a
+    :class:`SequenceItem`, built on each access from the current graph, so it always runs
+    what the whole graph runs); chaining the items computes the whole graph. Attributes the
+    item does not have are read from the original child (``.weight``, ``.out_channels``)."""
 
     def __getitem__(self, index: int | slice) -> nn.Module:
-        layers = self._sequence()
+        names = self.meta["qatgraph_sequence"]
         if isinstance(index, slice):
-            return nn.Sequential(*layers[index])
-        return layers[index]
+            return nn.Sequential(*[self._item(i) for i in range(len(names))[index]])
+        if not -len(names) <= index < len(names):
+            raise IndexError(f"index {index} is out of range for a Sequential of {len(names)} modules")
+        return self._item(index % len(names))
 
     def __len__(self) -> int:
         return len(self.meta["qatgraph_sequence"])
 
     def __iter__(self):  # noqa: ANN204 - an iterator of modules
-        return iter(self._sequence())
+        return iter([self._item(i) for i in range(len(self))])
+
+    def _item(self, index: int) -> nn.Module:
+        names = self.meta["qatgraph_sequence"]
+        segments = _segments(self.graph, names)
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        value = graph.placeholder("input")
+        previous = segments[index - 1][-1] if index > 0 else next(n for n in self.graph.nodes if n.op == "placeholder")
+        env[previous] = value
+        for node in segments[index]:
+            for arg in node.all_input_nodes:
+                if arg not in env and arg.op == "get_attr":
+                    env[arg] = graph.node_copy(arg)
+                elif arg not in env:
+                    raise TypeError(f"module {names[index]!r} of this traced Sequential reads a value of another "
+                                    "module; call the Sequential as a whole")
+            env[node] = graph.node_copy(node, env.__getitem__)
+        graph.output(env[segments[index][-1]] if segments[index] else value)
+        original = self.get_submodule(names[index]) if hasattr(self, names[index]) else None
+        return SequenceItem(self, graph, original, f"{type(self).__name__}_{names[index]}")
+
+
+class SequenceItem(fx.GraphModule):
+    """One item of a :class:`SequentialGraphModule` (shares its modules and parameters)."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, original: nn.Module | None, class_name: str) -> None:
+        super().__init__(root, graph, class_name)
+        object.__setattr__(self, "_qatgraph_original", original)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_qatgraph_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+
+def _segments(graph: fx.Graph, names: list[str]) -> list[list[fx.Node]]:
+    """The graph's nodes by the Sequential child they came from; a node no child owns (an
+    inserted quantizer) goes with the next child's nodes, the ones after the last child with it."""
+    position = {name: i for i, name in enumerate(names)}
+    segments: list[list[fx.Node]] = [[] for _ in names]
+    pending: list[fx.Node] = []
+    current = 0
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next((position[path.split(".")[0]] for path, _ in stack.values()
+                      if isinstance(path, str) and path.split(".")[0] in position), None)
+        if owner is None:
+            pending.append(node)
+            continue
+        current = max(current, owner)
+        segments[current] += pending + [node]
+        pending = []
+    segments[current] += pending
+    return segments
 
 
 def _has_quantizable(module: nn.Module) -> bool:
