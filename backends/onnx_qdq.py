@@ -262,14 +262,17 @@ def prepare_for_export(qmodel: nn.Module, opset: int, args: tuple | None = None)
             else:
                 layer.weight_quantizer = nn.Identity()
             counts["weights" if quantizer.is_enabled else "disabled"] += 1
+    stand_ins: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, FakeQuantizer):
                 continue
             if child.is_enabled:
                 check_activation_range(child_name, child, opset)
-            setattr(parent, child_name, QuantizeDequantize(child) if child.is_enabled else nn.Identity())
-            counts["activations" if child.is_enabled else "disabled"] += 1
+            if id(child) not in stand_ins:  # a quantizer shared by several slots stays one module
+                stand_ins[id(child)] = QuantizeDequantize(child) if child.is_enabled else nn.Identity()
+                counts["activations" if child.is_enabled else "disabled"] += 1
+            setattr(parent, child_name, stand_ins[id(child)])
     log.debug("qatgraph export: %(weights)d INT8 weights, %(activations)d activation Q/DQ, %(disabled)d disabled "
               "quantizers removed", counts)
     return model, folded

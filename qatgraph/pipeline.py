@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qatgraph.graph.annotations import op_annotation
 from qatgraph.graph.build import build_graph
+from qatgraph.graph.sharing import share_input_quantizers
 from qatgraph.passes import (
     annotate,
     attention,
@@ -91,6 +92,12 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
                 if annotation.kind == "matmul":
                     matmul_layers[annotation.layer] = annotate.MatMul
     decisions += _quantize_eager_layers(root, regions, policy, report)
+    if not report.fully_traced:
+        if example_args is not None or example_kwargs:
+            report.shared_quantizers = share_input_quantizers(root, example_args or (), example_kwargs)
+        else:
+            report.frontend_notes.append("quantizers of untraced code not shared: without example_inputs a tensor "
+                                         "read by several module-wise layers gets one quantizer per reader")
     policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
     root.train(was_training)
     info = CompileInfo(policy=policy, trace_report=report, layers=decisions)

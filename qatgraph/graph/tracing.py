@@ -53,6 +53,7 @@ class TraceReport:
     eager_layers: list[str] = field(default_factory=list)
     frontend: str = "torch.fx"  # or "torch.export" (qatgraph/graph/build.py)
     frontend_notes: list[str] = field(default_factory=list)  # why the frontends before it were not used
+    shared_quantizers: list[tuple[str, str]] = field(default_factory=list)  # (name, the quantizer it uses)
 
     @property
     def fully_traced(self) -> bool:
@@ -66,6 +67,8 @@ class TraceReport:
         lines += ["  untraced " + u.describe() for u in self.untraced]
         if self.eager_layers:
             lines.append("  quantized module-wise (eager): " + ", ".join(self.eager_layers))
+        if self.shared_quantizers:
+            lines.append("  one quantizer per tensor: " + ", ".join(f"{a} is {b}" for a, b in self.shared_quantizers))
         return "\n".join(lines) + notes
 
 
