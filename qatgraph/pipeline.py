@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qatgraph.graph.annotations import op_annotation
 from qatgraph.graph.build import build_graph
-from qatgraph.graph.sharing import share_input_quantizers
+from qatgraph.graph.sharing import eager_residual_adds, share_input_quantizers
 from qatgraph.passes import (
     annotate,
     attention,
@@ -95,6 +95,7 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     if not report.fully_traced:
         if example_args is not None or example_kwargs:
             report.shared_quantizers = share_input_quantizers(root, example_args or (), example_kwargs)
+            report.eager_adds = eager_residual_adds(root, example_args or (), example_kwargs)
         else:
             report.frontend_notes.append("quantizers of untraced code not shared: without example_inputs a tensor "
                                          "read by several module-wise layers gets one quantizer per reader")

@@ -94,3 +94,11 @@ class Broken(nn.Module):
 def test_wrong_example_inputs_are_blamed_on_the_inputs() -> None:
     with pytest.raises(QatgraphError, match="running the model on example_inputs failed before quantization"):
         qatgraph.compile(Broken(), "tensorrt", example_inputs=(torch.randn(2, 3, 8, 8),))
+
+
+def test_residual_add_in_untraced_code_is_named_in_the_summary() -> None:
+    qmodel = qatgraph.compile(EagerConvBN(reuse=True).eval(), FX, example_inputs=(torch.randn(2, 16, 8, 8),))
+    [where] = qmodel.trace_report.eager_adds
+    assert where.endswith("`out = out + y if self.reuse else out`") and "test_eager_regions.py:" in where
+    qatgraph.calibrate(qmodel, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    assert "residual rule not applied to Adds in untraced code" in qatgraph.summary(qmodel, print_table=False).trace

@@ -57,6 +57,8 @@ def test_random_architecture(seed: int, tmp_path) -> None:
     assert result.errors == [], f"{where}: {[(f.rule, f.node) for f in result.errors]}"
     unexpected = {f.rule for f in result.warnings} - (EAGER_WARNINGS if not report.fully_traced else set())
     assert not unexpected, f"{where}: lint warnings {unexpected}; {report.describe()}"
+    if with_examples and "residual-skip-unquantized" in {f.rule for f in result.warnings}:
+        assert report.eager_adds and "residual rule not applied" in summary.trace, f"{where}: {summary.trace}"
     ops = collections.Counter(node.op_type for node in onnx.load(path).graph.node)
     assert ops["BatchNormalization"] == 0, f"{where}: BatchNorm left unfolded in the ONNX"
     parity = check_parity(qmodel, path, [ra.images(3, seed + 300)])

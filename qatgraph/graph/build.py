@@ -80,7 +80,8 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
     if not policy.tracing.partial:
         raise TraceError("cannot trace the model: " + "; ".join(report.frontend_notes) +
                          " (partial tracing is off: set tracing.partial: true to quantize the traceable parts)")
-    report.untraced.append(failure)
+    report.untraced.append(failure)  # the trace report lists it with the fix: no need to repeat it as a note
+    report.frontend_notes = [n for n in report.frontend_notes if not n.startswith("torch.fx cannot trace the whole")]
     log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
     trace_children(model, "", policy, report)
     return model, report

@@ -1,4 +1,5 @@
-"""One quantizer per tensor across traced regions and untraced (eager) code.
+"""One quantizer per tensor across traced regions and untraced (eager) code; residual Adds
+that untraced code hides from the graph passes.
 
 Inside a traced graph the passes give a tensor read by several quantized consumers one
 quantizer. Where partial tracing leaves code eager, each module-wise layer has its own input
@@ -9,16 +10,28 @@ input, would each quantize the same tensor (TensorRT's rule: one Q/DQ per tensor
 activation quantizers that read the very same tensor object and makes them one module
 (registered under each name, so the state_dict keeps every key). The export then emits one
 Q/DQ pair per tensor (identical pairs are merged, ``onnx_postprocess``).
+
+The residual rule (quantize the skip input of an Add that follows a weighted op, so TensorRT
+fuses the Add into it in INT8) is a graph rewrite: an Add written in untraced Python cannot get
+a quantizer. :func:`eager_residual_adds` finds such Adds on the example run so that the trace
+report (and ``qatgraph.summary``) names their source lines and the fix (make that forward
+traceable) instead of leaving them to a lint warning.
 """
 from __future__ import annotations
 
 import logging
+import os
+import traceback
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from qatgraph.quant.qmodules import op_kind
 from qatgraph.quant.quantizer import FakeQuantizer
+
+from .queries import BATCHNORM_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +63,10 @@ def share_input_quantizers(model: nn.Module, args: tuple, kwargs: dict[str, Any]
 
     unique = {id(q): q for _, _, _, q in slots}
     hooks = [q.register_forward_pre_hook(record) for q in unique.values()]
-    every = {id(m): m for m in model.modules() if isinstance(m, FakeQuantizer)}.values()
-    enabled = [(q, q.is_enabled) for q in every]
-    was_training = model.training
-    model.eval()
     try:
-        for quantizer in every:
-            quantizer.disable()  # not calibrated yet: pass values through, spec comparisons need no scale
-        model(*args, **(kwargs or {}))
+        with _float_run(model):
+            model(*args, **(kwargs or {}))
     finally:
-        model.train(was_training)
-        for quantizer, on in enabled:
-            quantizer.enable(on)
         for hook in hooks:
             hook.remove()
     keeper: dict[int, FakeQuantizer] = {}
@@ -81,3 +86,75 @@ def share_input_quantizers(model: nn.Module, args: tuple, kwargs: dict[str, Any]
         log.info("qatgraph: %d quantizer(s) share another's tensor: %s", len(shared),
                  ", ".join(f"{a} -> {b}" for a, b in shared))
     return shared
+
+
+@contextmanager
+def _float_run(model: nn.Module):  # noqa: ANN202 - a context manager
+    """Eval mode with every quantizer passing values through (none is calibrated yet)."""
+    every = list({id(m): m for m in model.modules() if isinstance(m, FakeQuantizer)}.values())
+    enabled = [(q, q.is_enabled) for q in every]
+    was_training = model.training
+    model.eval()
+    try:
+        for quantizer in every:
+            quantizer.disable()
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        for quantizer, on in enabled:
+            quantizer.enable(on)
+
+
+# ---------------------------------------------------------------------------- residual Adds in eager code
+_ADDS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+_SKIPPED_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _AddWatcher(torch.overrides.TorchFunctionMode):
+    def __init__(self, produced: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.produced = produced
+        self.found: dict[str, None] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        if getattr(func, "__name__", "") in _ADDS and len(args) >= 2:
+            a, b = args[0], args[1]
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+                    a.is_floating_point() and a.dim() >= 2 and (id(a) in self.produced or id(b) in self.produced):
+                where = _user_line()
+                if where is not None:
+                    self.found.setdefault(where)
+        return func(*args, **(kwargs or {}))
+
+
+def _user_line() -> str | None:
+    """``file:line `code``` of the innermost user frame, None inside a traced graph's code."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename.startswith("<eval_with_key"):
+            return None
+        if not frame.filename.startswith(_SKIPPED_DIRS):
+            return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
+    return None
+
+
+def eager_residual_adds(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> list[str]:
+    """Where untraced code adds a weighted op's (or a traced region's) output to a tensor of
+    its shape: residual Adds no graph pass sees, so their skip input stays in float."""
+    produced: dict[int, torch.Tensor] = {}
+
+    def keep(_module: nn.Module, _inputs: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            produced[id(output)] = output
+
+    watched = [m for m in model.modules() if op_kind(m) is not None or isinstance(m, BATCHNORM_TYPES) or
+               (isinstance(m, fx.GraphModule) and "qatgraph_prefix" in m.meta)]
+    hooks = [m.register_forward_hook(keep) for m in watched]
+    watcher = _AddWatcher(produced)
+    try:
+        with _float_run(model), watcher:
+            model(*args, **(kwargs or {}))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(watcher.found)

@@ -54,6 +54,7 @@ class TraceReport:
     frontend: str = "torch.fx"  # or "torch.export" (qatgraph/graph/build.py)
     frontend_notes: list[str] = field(default_factory=list)  # why the frontends before it were not used
     shared_quantizers: list[tuple[str, str]] = field(default_factory=list)  # (name, the quantizer it uses)
+    eager_adds: list[str] = field(default_factory=list)  # source lines of residual Adds in untraced code
 
     @property
     def fully_traced(self) -> bool:
@@ -69,6 +70,9 @@ class TraceReport:
             lines.append("  quantized module-wise (eager): " + ", ".join(self.eager_layers))
         if self.shared_quantizers:
             lines.append("  one quantizer per tensor: " + ", ".join(f"{a} is {b}" for a, b in self.shared_quantizers))
+        if self.eager_adds:
+            lines.append("  residual rule not applied to Adds in untraced code (their skip input stays in float, no "
+                         "INT8 Add fusion; make that forward traceable to get it): " + "; ".join(self.eager_adds))
         return "\n".join(lines) + notes
 
 
