@@ -72,8 +72,9 @@ CASES: dict[str, Case] = {
     "bert_like": Case(models_extra.BertLikeEncoder, tokens, tokens=True),
     "vit_sdpa": Case(models_extra.vit_sdpa_like, images((3, 32, 32)), slow=True),
     "yolo": Case(conv_model(models_extra.YoloLike), images((3, 64, 64)), slow=True),
+    # tracing.frontend fx: partial torch.fx tracing (auto would export it whole with torch.export).
     "yolo_input_check": Case(conv_model(models_extra.YoloWithInputCheck), images((3, 64, 64)), slow=True,
-                             lint_warnings=DUPLICATE_QDQ),
+                             lint_warnings=DUPLICATE_QDQ, policy=FX_ONLY),
     "hf_bert_eager": Case(lambda: hf_exported("eager"), tokens, tokens=True, slow=True, frontend="torch.export"),
     "hf_bert_sdpa": Case(lambda: hf_exported("sdpa"), tokens, tokens=True, slow=True, frontend="torch.export"),
     # Without the frontend: what partial torch.fx tracing reaches (for the coverage table).
