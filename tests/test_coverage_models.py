@@ -65,7 +65,6 @@ def hf_exported(implementation: str) -> nn.Module:
     return frontends.export_graph(models_extra.hf_bert(implementation), kwargs=dict(zip(TOKEN_NAMES, tokens(2, 0))))
 
 
-DUPLICATE_QDQ = frozenset({"tensor-quantized-twice"})
 FX_ONLY = {"preset": "tensorrt", "tracing": {"frontend": "fx"}}
 CASES: dict[str, Case] = {
     "unet": Case(conv_model(models_extra.UNetLike), images((3, 32, 32))),
@@ -74,12 +73,12 @@ CASES: dict[str, Case] = {
     "yolo": Case(conv_model(models_extra.YoloLike), images((3, 64, 64)), slow=True),
     # tracing.frontend fx: partial torch.fx tracing (auto would export it whole with torch.export).
     "yolo_input_check": Case(conv_model(models_extra.YoloWithInputCheck), images((3, 64, 64)), slow=True,
-                             lint_warnings=DUPLICATE_QDQ, policy=FX_ONLY),
+                             policy=FX_ONLY),
     "hf_bert_eager": Case(lambda: hf_exported("eager"), tokens, tokens=True, slow=True, frontend="torch.export"),
     "hf_bert_sdpa": Case(lambda: hf_exported("sdpa"), tokens, tokens=True, slow=True, frontend="torch.export"),
     # Without the frontend: what partial torch.fx tracing reaches (for the coverage table).
     "hf_bert_sdpa_fx": Case(lambda: models_extra.hf_bert("sdpa"), tokens, tokens=True, slow=True,
-                            lint_warnings=DUPLICATE_QDQ | {"residual-skip-unquantized"}, policy=FX_ONLY),
+                            lint_warnings=frozenset({"residual-skip-unquantized"}), policy=FX_ONLY),
     # Plain qatgraph.compile: tracing.frontend auto falls back to torch.export.
     "hf_bert_auto": Case(lambda: models_extra.hf_bert("sdpa"), tokens, tokens=True, slow=True,
                          frontend="torch.export (auto)"),
@@ -493,7 +492,8 @@ def coverage_row(name: str, result: CaseResult) -> dict[str, str]:
     warnings = sorted({f.rule for f in result.export.warnings})
     parity = result.parity
     return {
-        "model": name, "frontend": CASES[name].frontend,
+        "model": name, "frontend": CASES[name].frontend if CASES[name].frontend != "torch.fx" else
+                                   result.qmodel.trace_report.frontend,
         "traced": "whole" if result.qmodel.trace_report.fully_traced else
                   f"partial ({len(result.qmodel.trace_report.traced)} regions)",
         "weighted": f"{len(layers)} ({len(layers) - matmuls} conv/linear + {matmuls} matmul)",
