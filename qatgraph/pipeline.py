@@ -92,7 +92,7 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
                 if annotation.kind == "matmul":
                     matmul_layers[annotation.layer] = annotate.MatMul
     decisions += _quantize_eager_layers(root, regions, policy, report)
-    if not report.fully_traced:
+    if not report.fully_traced or report.eager_layers:  # untraced code, or leaf modules' layers
         if example_args is not None or example_kwargs:
             report.shared_quantizers = share_input_quantizers(root, example_args or (), example_kwargs)
             report.eager_adds = eager_residual_adds(root, example_args or (), example_kwargs)

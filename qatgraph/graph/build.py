@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
+from torch.fx.graph import CodeGen
 from torch.utils import _pytree as pytree
 
 from qatgraph.errors import TraceError, UsageError
 from qatgraph.policy import Policy
 
-from .frontends import export_graph
+from .frontends import OutputStructure, export_graph
 from .tracing import TraceReport, describe_failure, trace_children, trace_module
 
 log = logging.getLogger(__name__)
@@ -126,27 +126,27 @@ def _auto_dims(leaf: Any, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- output structure
-class RestoredOutputs(_PyTreeCodeGen):
-    """Code generation that keeps the graph's plain positional inputs and rebuilds the
-    outputs' pytree structure (``pytree.tree_unflatten(flat, self._out_spec)``)."""
+class RestoredOutputs(CodeGen):
+    """Code generation whose ``forward`` returns ``self.meta["qatgraph_out_spec"](flat tensors)``:
+    the model's output structure (see :class:`.frontends.OutputStructure`; ``meta`` survives
+    ``copy.deepcopy`` of a GraphModule, other attributes do not)."""
 
-    def __init__(self, out_spec: pytree.TreeSpec) -> None:
-        super().__init__(_PyTreeInfo([], None, out_spec))
+    def __init__(self, structure: OutputStructure) -> None:
+        super().__init__()
+        self.structure = structure
 
-    def process_inputs(self, *inputs: Any) -> Any:
-        return CodeGen.process_inputs(self, *inputs)
+    def generate_output(self, output_args: Any, **kwargs: Any) -> str:
+        statement = super().generate_output(output_args, **kwargs)
+        return "return self.meta['qatgraph_out_spec'](" + statement[len("return "):] + ")"
 
-    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *, expanded_def: bool = False) -> str:
-        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+    def process_outputs(self, outputs: Any) -> Any:
+        return self.structure(outputs)
 
 
 def restore_outputs(graph_module: fx.GraphModule) -> None:
     """Make an exported GraphModule return what the model returned, not the flat tensors."""
-    spec = graph_module.meta.get("qatgraph_out_spec")
-    if spec is None or spec.is_leaf():
+    structure = graph_module.meta.get("qatgraph_out_spec")
+    if structure is None or structure.spec.is_leaf():
         return
-    output = next(node for node in graph_module.graph.nodes if node.op == "output")
-    if isinstance(output.args[0], fx.Node):  # one flat tensor: tree_unflatten wants a sequence
-        output.args = ((output.args[0],),)
-    graph_module.graph._codegen = RestoredOutputs(spec)
+    graph_module.graph._codegen = RestoredOutputs(structure)
     graph_module.recompile()

@@ -75,6 +75,23 @@ ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
               aten.sym_constrain_range_for_size.default}
 
 
+class OutputStructure:
+    """The pytree structure of a model's outputs: rebuilds it from the flat tensors. Immutable,
+    so copies share it (``copy.deepcopy`` of a ``TreeSpec`` warns in torch 2.13)."""
+
+    def __init__(self, spec: pytree.TreeSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, flat: Any) -> Any:
+        return pytree.tree_unflatten(list(flat) if isinstance(flat, (list, tuple)) else [flat], self.spec)
+
+    def __deepcopy__(self, memo: dict) -> OutputStructure:
+        return self
+
+    def __repr__(self) -> str:
+        return f"OutputStructure({self.spec})"
+
+
 @dataclass
 class _ModuleCall:
     """Consecutive nodes exported from one call of one module."""
@@ -99,7 +116,7 @@ def export_graph(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | No
     _restore_non_persistent_buffers(gm, model)
     gm.meta["qatgraph_frontend"] = "torch.export"
     gm.meta["qatgraph_outputs"] = str(program.call_spec.out_spec)  # what the flat outputs were, for users
-    gm.meta["qatgraph_out_spec"] = program.call_spec.out_spec  # build.restore_outputs rebuilds the structure
+    gm.meta["qatgraph_out_spec"] = OutputStructure(program.call_spec.out_spec)  # for build.restore_outputs
     modules = sum(node.op == "call_module" for node in graph.nodes)
     log.info("qatgraph.graph.frontends: exported %s with torch.export: %d module calls, %d other ops",
              type(model).__name__, modules, sum(node.op in ("call_function", "call_method") for node in graph.nodes))

@@ -159,7 +159,8 @@ class SequentialGraphModule(fx.GraphModule):
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         value = graph.placeholder("input")
-        previous = segments[index - 1][-1] if index > 0 else next(n for n in self.graph.nodes if n.op == "placeholder")
+        earlier = [segment[-1] for segment in segments[:index] if segment]  # a segment BN folding emptied has none
+        previous = earlier[-1] if earlier else next(n for n in self.graph.nodes if n.op == "placeholder")
         env[previous] = value
         for node in segments[index]:
             for arg in node.all_input_nodes:
