@@ -21,8 +21,11 @@ and outputs that were ``None`` in the example are ``None`` always.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -69,11 +72,13 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
                                          "tracing traces the wrapped module and keeps the wrapper")
         elif have_examples:
             try:
-                return _exported(model, args, kwargs, report), report
-            except TraceError as exc:
-                report.frontend_notes.append(f"torch.export failed too: {exc}")
+                with _quiet_export():  # a failed attempt is reported in the trace report, not in torch's graph dumps
+                    return _exported(model, args, kwargs, report), report
+            except Exception as exc:  # any failure of the attempt: partial tracing still quantizes the model
+                message = str(exc) if isinstance(exc, TraceError) else f"{type(exc).__name__}: {exc}"
+                report.frontend_notes.append(f"torch.export failed too: {message}")
                 log.warning("qatgraph: neither torch.fx nor torch.export can trace the whole model (%s)",
-                            str(exc).split(". ")[0])
+                            message.split(". ")[0])
         else:
             report.frontend_notes.append("torch.export not tried: compile got no example_inputs (pass them to let "
                                          "tracing.frontend: auto export the whole model)")
@@ -85,6 +90,28 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
     log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
     trace_children(model, "", policy, report)
     return model, report
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch.export's log lines and graph dumps silenced (they go to the debug log)."""
+    printed = io.StringIO()
+    loggers = [logging.getLogger(name) for name in _TORCH_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if printed.getvalue():
+            log.debug("torch.export printed:\n%s", printed.getvalue())
+
+
+_TORCH_LOGGERS = ("torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+                  "torch._subclasses")
 
 
 def _exported(model: nn.Module, args: tuple | None, kwargs: dict[str, Any] | None,
