@@ -159,3 +159,47 @@ def test_hf_bert_model_through_plain_compile(tmp_path) -> None:
     assert len(onnx.load(path).graph.output) == 2
     parity = check_parity(qmodel, path, [tuple(token_dict(3, seed).values()) for seed in (3, 4)])
     assert parity.passed, parity
+
+
+class InPlaceResidual(ShapeCheck):
+    """``out += shortcut`` (a downsample-style block); torch.export keeps it as ``aten.add_``."""
+
+    def __init__(self, view_write: bool = False) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(32)
+        self.shortcut = nn.Conv2d(16, 32, 1)
+        self.view_write = view_write
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2:
+            raise ValueError("odd width")
+        out = self.bn(self.conv(x))
+        out += self.shortcut(x)
+        if self.view_write:
+            view = out.view(-1)
+            view += 1.0  # a write through a view: must stay in place
+        return self.fc(torch.relu(out).mean((2, 3)))
+
+
+def test_exported_in_place_residual_add_gets_the_residual_rule(tmp_path) -> None:
+    x = torch.randn(2, 16, 8, 8)
+    qmodel = qatgraph.compile(InPlaceResidual().eval(), "tensorrt", example_inputs=(x,))
+    assert qmodel.trace_report.frontend == "torch.export"
+    targets = [node.target for node in qmodel.graph.nodes if node.op == "call_function"]
+    assert torch.ops.aten.add_.Tensor not in targets
+    [residual] = [node for node in qmodel.graph.nodes if node.target is torch.add]
+    assert residual.meta.get("qatgraph.residual") is not None
+    qatgraph.calibrate(qmodel, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    path = str(tmp_path / "m.onnx")
+    result = export_onnx(qmodel, path, x)
+    assert result.errors == [] and result.warnings == [], [(f.rule, f.node) for f in result.findings]
+    assert check_parity(qmodel, path, [torch.randn(3, 16, 8, 8)]).passed
+
+
+def test_exported_write_through_a_view_stays_in_place() -> None:
+    model = InPlaceResidual(view_write=True).eval()
+    x = torch.randn(2, 16, 8, 8)
+    qmodel = qatgraph.compile(model, {"preset": "tensorrt", "quantize": []}, example_inputs=(x,))
+    targets = [node.target for node in qmodel.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.aten.add_.Tensor) == 1 and torch.add in targets
+    torch.testing.assert_close(qmodel(x), model(x))

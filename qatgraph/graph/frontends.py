@@ -187,6 +187,7 @@ def _module_level_graph(program: torch.export.ExportedProgram, model: nn.Module)
     calls = {call.nodes[-1]: call for call in _module_calls(program.graph, model, state)}
     inside = {node for call in calls.values() for node in call.nodes}
     graph, env, root = fx.Graph(), {}, {}
+    order = {node: index for index, node in enumerate(program.graph.nodes)}
     for node in program.graph.nodes:
         if node.op == "placeholder":
             env[node] = _placeholder(graph, node, state.get(node.name), program, model, root)
@@ -197,6 +198,10 @@ def _module_level_graph(program: torch.export.ExportedProgram, model: nn.Module)
         elif node.op == "output":
             outputs = [env[arg] for arg in node.args[0]]
             graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        elif node.op == "call_function" and node.target is aten.add_.Tensor and _safe_out_of_place(node, order):
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            env[node] = graph.call_function(torch.add, args, fx.node.map_arg(node.kwargs, env.__getitem__))
+            env[node].meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
         else:
             env[node] = _normalized_copy(graph, node, env)
     for node in reversed(graph.nodes):  # state only the dropped ops and module calls read
@@ -263,6 +268,19 @@ def _module_call_node(graph: fx.Graph, call: _ModuleCall, env: dict, model: nn.M
     node = graph.call_module(call.path, (activation,))
     node.meta["nn_module_stack"] = call.nodes[-1].meta.get("nn_module_stack")
     return node
+
+
+def _safe_out_of_place(node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether ``x.add_(y)`` (``out += y`` exported) can become ``torch.add(x, y)``: nothing
+    reads ``x`` after it, and ``x`` is a fresh result (not an input, state or a view of another
+    tensor), so no one can see the write. The passes then see a plain Add (residual rule)."""
+    target = node.args[0]
+    if not isinstance(target, fx.Node) or target.op != "call_function":
+        return False
+    schema = getattr(target.target, "_schema", None)
+    if schema is None or any(ret.alias_info is not None for ret in schema.returns):
+        return False
+    return all(order[user] <= order[node] for user in target.users)
 
 
 def _normalized_copy(graph: fx.Graph, node: fx.Node, env: dict) -> fx.Node:
