@@ -102,3 +102,21 @@ def test_residual_add_in_untraced_code_is_named_in_the_summary() -> None:
     assert where.endswith("`out = out + y if self.reuse else out`") and "test_eager_regions.py:" in where
     qatgraph.calibrate(qmodel, [torch.randn(4, 16, 8, 8)], show_progress=False)
     assert "residual rule not applied to Adds in untraced code" in qatgraph.summary(qmodel, print_table=False).trace
+
+
+def test_bn_fold_policy_folds_untraced_batchnorm_at_compile(tmp_path) -> None:
+    model = EagerConvBN(reuse=False).eval()
+    x = torch.randn(2, 16, 8, 8)
+    policy = {"preset": "tensorrt", "bn": "fold", "tracing": {"frontend": "fx"}}
+    qmodel = qatgraph.compile(model, policy, example_inputs=(x,))
+    assert qmodel.trace_report.eager_folded == ["bn"] and isinstance(qmodel.bn, nn.Identity)
+    assert "BatchNorm folded in untraced code" in qmodel.trace_report.describe()
+    qatgraph.calibrate(qmodel, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    path = str(tmp_path / "m.onnx")
+    export_onnx(qmodel, path, x)
+    assert check_parity(qmodel, path, [torch.randn(3, 16, 8, 8)]).passed
+    with torch.no_grad():  # quantization aside, the folded model computes the float model
+        for quantizer in qmodel.modules():
+            if isinstance(quantizer, qatgraph.FakeQuantizer):
+                quantizer.disable()
+        torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-5)

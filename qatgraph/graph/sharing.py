@@ -64,7 +64,7 @@ def share_input_quantizers(model: nn.Module, args: tuple, kwargs: dict[str, Any]
     unique = {id(q): q for _, _, _, q in slots}
     hooks = [q.register_forward_pre_hook(record) for q in unique.values()]
     try:
-        with _float_run(model):
+        with float_run(model):
             model(*args, **(kwargs or {}))
     finally:
         for hook in hooks:
@@ -89,8 +89,8 @@ def share_input_quantizers(model: nn.Module, args: tuple, kwargs: dict[str, Any]
 
 
 @contextmanager
-def _float_run(model: nn.Module):  # noqa: ANN202 - a context manager
-    """Eval mode with every quantizer passing values through (none is calibrated yet)."""
+def float_run(model: nn.Module):  # noqa: ANN202 - a context manager
+    """Eval mode, no grad, every quantizer passing values through (none is calibrated yet)."""
     every = list({id(m): m for m in model.modules() if isinstance(m, FakeQuantizer)}.values())
     enabled = [(q, q.is_enabled) for q in every]
     was_training = model.training
@@ -152,7 +152,7 @@ def eager_residual_adds(model: nn.Module, args: tuple, kwargs: dict[str, Any] | 
     hooks = [m.register_forward_hook(keep) for m in watched]
     watcher = _AddWatcher(produced)
     try:
-        with _float_run(model), watcher:
+        with float_run(model), watcher:
             model(*args, **(kwargs or {}))
     finally:
         for hook in hooks:

@@ -55,6 +55,7 @@ class TraceReport:
     frontend_notes: list[str] = field(default_factory=list)  # why the frontends before it were not used
     shared_quantizers: list[tuple[str, str]] = field(default_factory=list)  # (name, the quantizer it uses)
     eager_adds: list[str] = field(default_factory=list)  # source lines of residual Adds in untraced code
+    eager_folded: list[str] = field(default_factory=list)  # BNs in untraced code folded at compile (bn: fold)
 
     @property
     def fully_traced(self) -> bool:
@@ -70,6 +71,8 @@ class TraceReport:
             lines.append("  quantized module-wise (eager): " + ", ".join(self.eager_layers))
         if self.shared_quantizers:
             lines.append("  one quantizer per tensor: " + ", ".join(f"{a} is {b}" for a, b in self.shared_quantizers))
+        if self.eager_folded:
+            lines.append("  BatchNorm folded in untraced code (bn: fold): " + ", ".join(self.eager_folded))
         if self.eager_adds:
             lines.append("  residual rule not applied to Adds in untraced code (their skip input stays in float, no "
                          "INT8 Add fusion; make that forward traceable to get it): " + "; ".join(self.eager_adds))
