@@ -61,9 +61,12 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     """Return a QAT copy of ``model`` quantized by ``policy`` (the original is not modified).
 
     ``policy`` is a preset name (``"tensorrt"``, ``"onnxruntime"``), a :class:`Policy`, a dict
-    or a YAML path. ``example_inputs`` (a tensor or a tuple of forward's arguments) enables
-    shape-based decisions (tiny GEMMs, Linear-BN folding). The result trains in any PyTorch
-    loop; call :func:`qatgraph.calibrate` before training or evaluating it.
+    or a YAML path. ``example_inputs`` (a tensor, a tuple of forward's positional arguments or a
+    dict of its keyword arguments, e.g. a tokenizer's output) enables shape-based decisions
+    (tiny GEMMs, Linear-BN folding), lets ``tracing.frontend: auto`` export a model torch.fx
+    cannot trace (qatgraph/graph/build.py), and, where code stays untraced, shares quantizers of
+    one tensor. The result trains in any PyTorch loop; call :func:`qatgraph.calibrate` before
+    training or evaluating it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qatgraph.compile expects an nn.Module, got {type(model).__name__}")
