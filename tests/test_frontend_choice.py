@@ -203,3 +203,21 @@ def test_exported_write_through_a_view_stays_in_place() -> None:
     targets = [node.target for node in qmodel.graph.nodes if node.op == "call_function"]
     assert targets.count(torch.ops.aten.add_.Tensor) == 1 and torch.add in targets
     torch.testing.assert_close(qmodel(x), model(x))
+
+
+class ListInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(16, 32, 3, padding=1) for _ in range(2)])
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [conv(feature) for conv, feature in zip(self.convs, features)]
+
+
+def test_auto_keeps_the_signature_of_a_forward_taking_a_list() -> None:
+    features = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4)]
+    qmodel = qatgraph.compile(ListInput(), "tensorrt", example_inputs=(features,))
+    assert qmodel.trace_report.frontend == "torch.fx"
+    assert "torch.export not tried: the example inputs hold non-tensor arguments" in qmodel.trace_report.describe()
+    qatgraph.calibrate(qmodel, [(features,)], show_progress=False)
+    assert [o.shape[1] for o in qmodel(features)] == [32, 32]

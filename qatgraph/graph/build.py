@@ -70,6 +70,10 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
         if isinstance(model, WRAPPERS):
             report.frontend_notes.append(f"torch.export not tried: {type(model).__name__} is a wrapper; partial "
                                          "tracing traces the wrapped module and keeps the wrapper")
+        elif have_examples and not _all_tensors(args, kwargs):
+            report.frontend_notes.append("torch.export not tried: the example inputs hold non-tensor arguments (a "
+                                         "list, dict, number or None), which the exported graph would flatten or fix; "
+                                         "tracing.frontend: export forces it")
         elif have_examples:
             try:
                 with _quiet_export():  # a failed attempt is reported in the trace report, not in torch's graph dumps
@@ -90,6 +94,11 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
     log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
     trace_children(model, "", policy, report)
     return model, report
+
+
+def _all_tensors(args: tuple | None, kwargs: dict[str, Any] | None) -> bool:
+    """Whether forward gets only tensors: the exported graph then takes the same arguments."""
+    return all(isinstance(value, torch.Tensor) for value in [*(args or ()), *(kwargs or {}).values()])
 
 
 @contextlib.contextmanager
