@@ -97,10 +97,12 @@ def test_export_frontend_needs_example_inputs_and_reports_its_failure() -> None:
     assert "tracing.frontend is 'export'" in traceable.trace_report.describe()
 
 
-def test_batch_of_one_cannot_export_so_auto_traces_partially() -> None:
+def test_batch_of_one_is_exported_as_a_batch_of_two() -> None:
     qmodel = qatgraph.compile(ShapeCheck(), "tensorrt", example_inputs=(torch.randn(1, 16, 8, 8),))
-    assert not qmodel.trace_report.fully_traced
-    assert "batch of at least 2" in qmodel.trace_report.describe()
+    assert qmodel.trace_report.frontend == "torch.export"
+    assert "repeated to a batch of 2" in qmodel.trace_report.describe()
+    qatgraph.calibrate(qmodel, [torch.randn(1, 16, 8, 8)], show_progress=False)
+    assert qmodel(torch.randn(1, 16, 8, 8)).shape == (1, 16) and qmodel(torch.randn(5, 16, 8, 8)).shape == (5, 16)
 
 
 # ---------------------------------------------------------------------------- Hugging Face BertModel

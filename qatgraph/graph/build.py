@@ -1,7 +1,7 @@
 """Choosing the frontend that builds the graph ``compile`` quantizes (``policy.tracing.frontend``).
 
 * ``auto`` (default): torch.fx traces the whole model if it can. If it cannot and ``compile``
-  got example inputs, the torch.export frontend (:func:`.frontends.export_graph`) builds a
+  got example inputs that are all tensors, the torch.export frontend (:func:`.frontends.export_graph`) builds a
   module-level graph of the whole model (Hugging Face transformers 5 models land here). If that
   fails too, or there are no example inputs to export with, partial torch.fx tracing quantizes
   the traceable submodules and the rest module-wise.
@@ -126,6 +126,12 @@ _TORCH_LOGGERS = ("torch.export", "torch._export", "torch._dynamo", "torch.fx.ex
 def _exported(model: nn.Module, args: tuple | None, kwargs: dict[str, Any] | None,
               report: TraceReport) -> fx.GraphModule:
     args, kwargs = args or (), kwargs or {}
+    tensors = [v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if tensors and all(t.shape[0] == 1 for t in tensors):  # torch.export would fix a batch of 1
+        args = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
+        kwargs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in kwargs.items()}
+        report.frontend_notes.append("exported with the example repeated to a batch of 2 (torch.export fixes "
+                                     "dimensions of size 1)")
     graph_module = export_graph(model, args, kwargs, dynamic_shapes=_all_dims_dynamic(model, args, kwargs))
     restore_outputs(graph_module)
     graph_module.meta["qatgraph_prefix"] = ""
