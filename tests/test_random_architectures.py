@@ -67,7 +67,7 @@ def test_random_architecture(seed: int, tmp_path) -> None:
 
 
 def _fx_traceable(description: str) -> bool:
-    return not any(name in description for name in ("indexed", "iterated", "gated"))
+    return not any(name in description for name in ("indexed", "iterated", "gated", "branches"))
 
 
 def test_traced_sequential_keeps_container_semantics() -> None:
