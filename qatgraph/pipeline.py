@@ -88,8 +88,8 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
             annotation = op_annotation(node)
             if annotation is not None:
                 decisions.append(LayerDecision.from_annotation(annotation, region, node))
-                if annotation.kind == "matmul":
-                    matmul_layers[annotation.layer] = annotate.MatMul
+                if node.op != "call_module":  # functional ops: the type policy type rules see
+                    matmul_layers[annotation.layer] = annotate.functional_type(node)
     decisions += _quantize_eager_layers(root, regions, policy, report)
     policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
     root.train(was_training)

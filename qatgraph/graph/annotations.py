@@ -32,6 +32,11 @@ class OpAnnotation:
     weight_spec: QuantSpec | None = None
     activation_spec: QuantSpec | None = None
     activation_args: tuple[int, ...] = ()
+    # Functional ops (F.linear(x, self.w), x @ self.w): the get_attr target of the weight, its
+    # output-channel axis (None: per tensor) and the argument it feeds.
+    weight_source: str | None = None
+    weight_axis: int | None = None
+    weight_arg: int | None = None
 
 
 @dataclass
