@@ -14,7 +14,7 @@ Guarantees:
 * every quantized functional op on a parameter or constant (``annotation.weight_source``) reads
   its weight through a weight quantizer registered on the weight's owner module, next to the
   weight (``weight_quantizer`` for a tensor named ``weight``, else ``<name>_quantizer``; see
-  :func:`weight_quantizer_path`), per channel on the annotated axis and calibrated from the
+  :func:`qatgraph.graph.annotations.weight_quantizer_path`), per channel on the annotated axis and calibrated from the
   weight; ops sharing a weight share its quantizer. The export swaps it like a layer's;
 * the GraphModule is recompiled and lints clean.
 Quantizer names depend only on the graph, so a fresh compile of the same model and policy
@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from qatgraph.graph.annotations import TENSOR_KEY, op_annotation, tensor_annotation
+from qatgraph.graph.annotations import TENSOR_KEY, op_annotation, tensor_annotation, weight_quantizer_path
 from qatgraph.graph.queries import node_module
 from qatgraph.policy import Policy
 from qatgraph.quant.qmodules import quantize_module
@@ -77,13 +77,6 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
     return gm
 
 
-def weight_quantizer_path(weight_source: str) -> str:
-    """Where the weight quantizer of a functional op on ``weight_source`` lives (owner-relative)."""
-    owner, _, name = weight_source.rpartition(".")
-    local = "weight_quantizer" if name == "weight" else f"{name}_quantizer"
-    return f"{owner}.{local}" if owner else local
-
-
 def _quantize_functional_weight(gm: fx.GraphModule, node: fx.Node, annotation, weight_nodes: dict[str, fx.Node],
                                 prefix: str) -> None:
     source = annotation.weight_source
@@ -102,12 +95,19 @@ def _quantize_functional_weight(gm: fx.GraphModule, node: fx.Node, annotation, w
             quantizer.to(weight.device)
             quantizer.calibrate_from(weight.detach())
             owner.add_module(local, quantizer)
-        getter = node.args[annotation.weight_arg]
+        getter = _getter(node.args[annotation.weight_arg])
         with gm.graph.inserting_after(getter):
             quantized = gm.graph.call_module(path, (getter,))
         quantized.meta["tensor_meta"] = getter.meta.get("tensor_meta")
         weight_nodes[source] = quantized
-    node.replace_input_with(node.args[annotation.weight_arg], quantized)
+    expression = node.args[annotation.weight_arg]
+    # The weight itself, or a row slice of it (MultiheadAttention's packed in-projection): the
+    # quantizer is per output row, so slicing the quantized weight is quantizing the slice.
+    (node if expression.op == "get_attr" else expression).replace_input_with(_getter(expression), quantized)
+
+
+def _getter(expression: fx.Node) -> fx.Node:
+    return expression if expression.op == "get_attr" else expression.args[0]
 
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.ops.aten.relu.default)

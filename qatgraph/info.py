@@ -36,11 +36,14 @@ class LayerDecision:
 
     @classmethod
     def from_annotation(cls, annotation: OpAnnotation, region: fx.GraphModule, node: fx.Node) -> LayerDecision:
+        from qatgraph.graph.annotations import weight_quantizer_path
+
         prefix = region.meta.get("qatgraph_prefix", "")
         inputs, functional_weight = [], None
         for index, arg in enumerate(node.args):
-            if index == annotation.weight_arg and annotation.weight_source is not None and isinstance(arg, fx.Node):
-                functional_weight = f"{prefix}.{arg.target}" if prefix else str(arg.target)
+            if index == annotation.weight_arg and annotation.weight_source is not None:
+                path = weight_quantizer_path(annotation.weight_source)
+                functional_weight = f"{prefix}.{path}" if prefix else path
             elif isinstance(arg, fx.Node) and "qatgraph.quantizer" in arg.meta:
                 target = arg.meta["qatgraph.quantizer"]
                 inputs.append(f"{prefix}.{target}" if prefix else target)

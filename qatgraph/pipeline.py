@@ -5,9 +5,10 @@ annotation until ``materialize``, so the skip pass runs *before* the residual pa
 conv must not pull a quantizer onto its residual skip input), and one pass turns the final
 annotations into modules:
 
-    attention → fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
+    mha → attention → fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
 
-``attention`` decomposes ``scaled_dot_product_attention`` into matmul/softmax/matmul so that
+``mha`` re-expresses ``nn.MultiheadAttention`` as functional Linears around an SDPA call
+(passes/mha.py); ``attention`` decomposes ``scaled_dot_product_attention`` into matmul/softmax/matmul so that
 annotate sees both attention GEMMs (passes/attention.py).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from qatgraph.passes import (
     freeze,
     fuse,
     materialize,
+    mha,
     residual,
     skip,
 )
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 GraphPass = Callable[[fx.GraphModule, Policy], fx.GraphModule]
 PASSES: list[tuple[str, GraphPass]] = [
+    ("mha", mha.run),
     ("attention", attention.run),
     ("fuse", fuse.run),
     ("annotate", annotate.run),

@@ -57,6 +57,14 @@ class TensorAnnotation:
         return [edge.reason for edge in self.edges]
 
 
+def weight_quantizer_path(weight_source: str) -> str:
+    """Where the weight quantizer of a functional op on ``weight_source`` (a get_attr target)
+    lives: next to the tensor, ``weight_quantizer`` for one named ``weight``, else ``<name>_quantizer``."""
+    owner, _, name = weight_source.rpartition(".")
+    local = "weight_quantizer" if name == "weight" else f"{name}_quantizer"
+    return f"{owner}.{local}" if owner else local
+
+
 def op_annotation(node: fx.Node) -> OpAnnotation | None:
     return node.meta.get(OP_KEY)
 

@@ -96,8 +96,16 @@ def weight_argument(kind: str, node: fx.Node) -> int | None:
 
 
 def constant_source(node: object) -> fx.Node | None:
-    """The ``get_attr`` node (a parameter or buffer) ``node`` is, or None for a computed tensor."""
-    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
+    """The ``get_attr`` node (a parameter or buffer) ``node`` is, or a row slice ``w[a:b]`` of
+    (MultiheadAttention's packed in-projection), or None for a computed tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice) and \
+            isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" and len(node.users) == 1:
+        return node.args[0]
+    return None
 
 
 def functional_weight(gm: fx.GraphModule, kind: str, node: fx.Node) -> fx.Node | None:
