@@ -5,9 +5,9 @@ annotation until ``materialize``, so the skip pass runs *before* the residual pa
 conv must not pull a quantizer onto its residual skip input), and one pass turns the final
 annotations into modules:
 
-    mha → attention → fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
+    einsum → mha → attention → fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
 
-``mha`` re-expresses ``nn.MultiheadAttention`` as functional Linears around an SDPA call
+``einsum`` rewrites two-operand einsum GEMMs as matmul (passes/einsum.py); ``mha`` re-expresses ``nn.MultiheadAttention`` as functional Linears around an SDPA call
 (passes/mha.py); ``attention`` decomposes ``scaled_dot_product_attention`` into matmul/softmax/matmul so that
 annotate sees both attention GEMMs (passes/attention.py).
 """
@@ -28,6 +28,7 @@ from qatgraph.graph.tracing import trace_model
 from qatgraph.passes import (
     annotate,
     attention,
+    einsum,
     freeze,
     fuse,
     materialize,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 GraphPass = Callable[[fx.GraphModule, Policy], fx.GraphModule]
 PASSES: list[tuple[str, GraphPass]] = [
+    ("einsum", einsum.run),
     ("mha", mha.run),
     ("attention", attention.run),
     ("fuse", fuse.run),
