@@ -81,7 +81,7 @@ def _branches(gm: fx.GraphModule, add: fx.Node, inputs: tuple) -> list[fx.Node |
         return None
     own = [ancestors[i] - common for i in (0, 1)]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    nearest = [_nearest_quantized_layer(gm, own[i], order) for i in (0, 1)]
+    nearest = [_nearest_quantized_layer(gm, own[i], order, add) for i in (0, 1)]
     weighted = [any(weighted_kind(gm, n) is not None for n in own[i]) for i in (0, 1)]
     for main in (0, 1):
         skip = 1 - main
@@ -93,11 +93,13 @@ def _branches(gm: fx.GraphModule, add: fx.Node, inputs: tuple) -> list[fx.Node |
     return None
 
 
-def _nearest_quantized_layer(gm: fx.GraphModule, branch: set[fx.Node], order: dict[fx.Node, int]) -> fx.Node | None:
+def _nearest_quantized_layer(gm: fx.GraphModule, branch: set[fx.Node], order: dict[fx.Node, int],
+                             add: fx.Node) -> fx.Node | None:
     """The quantized Conv/Linear of a branch nearest its end; None when a layer the policy skips
-    comes first (a skipped layer pulls no quantizer onto the skip). Tiny layers (an SE gate's
-    convs) are passed over."""
-    layers = sorted((n for n in branch if weighted_kind(gm, n) not in (None, "matmul")), key=order.__getitem__)
+    comes first (a skipped layer pulls no quantizer onto the skip). Tiny layers and, where shapes
+    are known, layers whose output has another shape than the Add (an SE gate's convs) are passed over."""
+    layers = sorted((n for n in branch if weighted_kind(gm, n) not in (None, "matmul") and _same_shape(n, add)),
+                    key=order.__getitem__)
     for node in reversed(layers):
         annotation = op_annotation(node)
         if annotation is not None and annotation.quantized:
