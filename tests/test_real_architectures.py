@@ -202,3 +202,18 @@ def test_cross_attention_on_packed_weights_exports(tmp_path) -> None:
     result = export_onnx(qmodel, path, (x, memory))
     assert result.errors == [], [(f.rule, f.node) for f in result.errors]
     assert check_parity(qmodel, path, [(torch.randn(3, 16, 64), torch.randn(3, 16, 64))]).passed
+
+
+def test_policy_rules_reach_functional_layers() -> None:
+    """A skip list (sensitivity's output) and type rules name functional ops like modules."""
+    skip_list = {"preset": "tensorrt", "skip": ["stage1.0.attn.qkv"]}
+    qmodel = qatgraph.compile(models_arch.SwinLike().eval(), skip_list, example_inputs=(images(2, 0),))
+    info = qmodel.qatgraph_info
+    assert "skip list" in info.layer("stage1.0.attn.qkv").reason and info.layer("stage1.1.attn.qkv").quantized
+    assert not hasattr(qmodel.get_submodule("stage1.0.attn.qkv"), "weight_quantizer")
+    by_type = {"preset": "tensorrt", "overrides": [{"type": "Linear", "skip": True}]}
+    qmodel = qatgraph.compile(models_arch.SwinLike().eval(), by_type, example_inputs=(images(2, 0),))
+    info = qmodel.qatgraph_info
+    assert "skipped by override" in info.layer("stage2.0.attn.qkv").reason  # F.linear is a Linear to type rules
+    assert "skipped by override" in info.layer("stage2.0.mlp.0").reason
+    assert info.layer("matmul_4").quantized
