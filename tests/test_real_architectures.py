@@ -217,3 +217,13 @@ def test_policy_rules_reach_functional_layers() -> None:
     assert "skipped by override" in info.layer("stage2.0.attn.qkv").reason  # F.linear is a Linear to type rules
     assert "skipped by override" in info.layer("stage2.0.mlp.0").reason
     assert info.layer("matmul_4").quantized
+
+
+def test_calibrate_refreshes_functional_weight_scales() -> None:
+    qmodel = compile_calibrated("vit_mha")
+    attention = qmodel.get_submodule("layers.0.self_attention")
+    with torch.no_grad():
+        attention.in_proj_weight.mul_(2.0)
+    before = attention.in_proj_weight_quantizer.scale.clone()
+    qatgraph.calibrate(qmodel, [images(4, 1)], show_progress=False)
+    torch.testing.assert_close(attention.in_proj_weight_quantizer.scale, before * 2.0)
