@@ -227,3 +227,37 @@ def test_calibrate_refreshes_functional_weight_scales() -> None:
     before = attention.in_proj_weight_quantizer.scale.clone()
     qatgraph.calibrate(qmodel, [images(4, 1)], show_progress=False)
     torch.testing.assert_close(attention.in_proj_weight_quantizer.scale, before * 2.0)
+
+
+class FunctionalLayers(nn.Module):
+    """F.conv2d / F.conv_transpose2d / ``@`` on the module's own parameters and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv_weight = nn.Parameter(torch.randn(32, 16, 3, 3, generator=g) * 0.1)
+        self.conv_bias = nn.Parameter(torch.zeros(32))
+        self.up_weight = nn.Parameter(torch.randn(32, 16, 2, 2, generator=g) * 0.1)  # [in, out, kh, kw]
+        self.register_buffer("projection", torch.randn(16, 24, generator=g) * 0.1)  # [K, N]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.conv2d(x, self.conv_weight, self.conv_bias, padding=1))
+        x = F.conv_transpose2d(x, self.up_weight, stride=2)
+        return x.flatten(2).transpose(1, 2) @ self.projection
+
+
+def test_functional_conv_transpose_and_matmul_weights(tmp_path) -> None:
+    x = torch.randn(2, 16, 8, 8)
+    qmodel = qatgraph.compile(FunctionalLayers().eval(), "tensorrt", example_inputs=(x,))
+    rows = {d.layer: d for d in qmodel.qatgraph_info.layers}
+    assert set(rows) == {"conv", "up", "projection"} and all(d.quantized for d in rows.values())
+    axes = {name: qmodel.get_submodule(d.weight_quantizer).axis for name, d in rows.items()}
+    assert axes == {"conv": 0, "up": 1, "projection": 1}
+    assert [len(d.input_quantizers) for d in rows.values()] == [1, 1, 1]
+    qatgraph.calibrate(qmodel, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    path = str(tmp_path / "functional.onnx")
+    result = export_onnx(qmodel, path, x)
+    assert result.errors == [] and result.warnings == [], [(f.rule, f.node) for f in result.findings]
+    model = onnx.load(path)
+    assert not any(init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2 for init in model.graph.initializer)
+    assert check_parity(qmodel, path, [torch.randn(3, 16, 8, 8)]).passed
