@@ -1,6 +1,9 @@
 """EfQAT: train only the most important weight rows (channels) or layers.
 
-Importance of an output row (conv channel / linear row) is ``mean |w|`` over the row. Modes:
+Importance of an output row (conv channel / linear row) is ``mean |w|`` over the row, divided by
+the mean of its layer (``freeze.importance: layer_normalized``, the default, so rows of layers with
+small weights can compete network-wide) or not (``importance: raw``, the EfQAT paper's score).
+Modes:
 
 * ``cwpl`` — the top ``ratio`` of rows in each layer;
 * ``cwpn`` — the top ``ratio`` of rows across the whole network;
@@ -93,9 +96,14 @@ class FrozenLayer:
             return trainable
         return torch.empty(0, dtype=torch.long, device=self.frozen_rows.device)
 
-    def importance(self) -> torch.Tensor:
+    def importance(self, kind: str = "raw") -> torch.Tensor:
+        """Mean |w| per row (``raw``, the paper's score) or that divided by the layer's mean
+        (``layer_normalized``: 1.0 is an average row of its layer, comparable across layers)."""
         weight = self.module.weight.detach()
-        return weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float().cpu()
+        scores = weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float().cpu()
+        if kind == "layer_normalized":
+            scores = scores / scores.mean().clamp_min(torch.finfo(torch.float32).tiny)
+        return scores
 
     def describe(self) -> str:
         rows = self.rows
@@ -122,10 +130,11 @@ class FreezeController:
     def refresh(self) -> None:
         """Recompute importance and the trainable rows of every layer; snapshot frozen rows."""
         mode, ratio = self.config.mode, float(self.config.ratio)
+        kind = getattr(self.config, "importance", "layer_normalized")
         if mode == "cwpl":
-            selections = {id(layer): _top_rows(layer.importance(), ratio) for layer in self.layers if layer.partial_ok}
+            selections = {id(layer): _top_rows(layer.importance(kind), ratio) for layer in self.layers if layer.partial_ok}
         elif mode == "cwpn":
-            selections = self._network_rows(ratio)
+            selections = self._network_rows(ratio, kind)
         else:
             selections = self._network_layers(ratio)
         for layer in self.layers:
@@ -136,11 +145,11 @@ class FreezeController:
             log.info("qatgraph EfQAT (%s, ratio %.3g): %d of %d rows train", mode, ratio, self.trainable_rows,
                      self.total_rows)
 
-    def _network_rows(self, ratio: float) -> dict[int, torch.Tensor]:
+    def _network_rows(self, ratio: float, kind: str) -> dict[int, torch.Tensor]:
         eligible = [layer for layer in self.layers if layer.partial_ok]
         if not eligible:
             return {}
-        scores = torch.cat([layer.importance() for layer in eligible])
+        scores = torch.cat([layer.importance(kind) for layer in eligible])
         keep = _count(ratio, scores.numel())
         chosen = torch.zeros(scores.numel(), dtype=torch.bool)
         chosen[torch.topk(scores, keep).indices] = True

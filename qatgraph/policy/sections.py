@@ -26,6 +26,7 @@ CalibratorName = Literal["max", "percentile", "entropy", "mse"]
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
 GRANULARITIES = ("per_tensor", "per_channel")
 FREEZE_MODES = ("cwpl", "cwpn", "lwpn")
+FREEZE_IMPORTANCE = ("layer_normalized", "raw")
 
 
 @dataclass
@@ -148,8 +149,15 @@ class FreezeConfig:
     mode: Literal["cwpl", "cwpn", "lwpn"] = "cwpn"
     ratio: float = 0.05
     interval: int = 4096
+    #: how rows are ranked: ``layer_normalized`` (mean |w| of the row divided by the mean over its
+    #: layer, comparable across layers) or ``raw`` (the paper's mean |w|, which favours layers with
+    #: large weights such as the first conv and the head)
+    importance: Literal["layer_normalized", "raw"] = "layer_normalized"
 
     def validate(self) -> None:
+        if self.importance not in FREEZE_IMPORTANCE:
+            raise PolicyError(f"freeze.importance = {self.importance!r}: valid values are "
+                              f"{', '.join(FREEZE_IMPORTANCE)}{did_you_mean(self.importance, FREEZE_IMPORTANCE)}")
         if self.mode not in FREEZE_MODES:
             raise PolicyError(f"freeze.mode = {self.mode!r}: valid values are {', '.join(FREEZE_MODES)}"
                               f"{did_you_mean(self.mode, FREEZE_MODES)}")
