@@ -61,7 +61,9 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
         node.meta[OP_KEY] = OpAnnotation(kind, layer, True, reason, resolved.weight if module is not None else None,
                                          resolved.activation, args)
         for index in args:
-            quantize_edge(node.args[index], node, index, resolved.activation, f"input of {kind} {layer}")
+            source = node.args[index]
+            spec = resolved.input_activation if getattr(source, "op", None) == "placeholder" else resolved.activation
+            quantize_edge(source, node, index, spec or resolved.activation, f"input of {kind} {layer}")
     _group_concat_scales(gm)
     return gm
 
