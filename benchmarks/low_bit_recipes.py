@@ -14,7 +14,10 @@ Rows:
 * W3A8 on every layer.
 * EfQAT CWPN 5 % with ``freeze.importance`` ``raw`` (the paper's mean |w|) and ``layer_normalized``.
 
-    python benchmarks/low_bit_recipes.py [--seeds 0 1 2] [--quick]
+* ``--learnable``: W4A4 with learnable scales, finetune's quantizer learning rate 1e-5 (before)
+  vs relative to each scale (after).
+
+    python benchmarks/low_bit_recipes.py [--seeds 0 1 2] [--quick] [--learnable]
 """
 from __future__ import annotations
 
@@ -42,9 +45,16 @@ CONFIGS: dict[str, dict] = {
     "W3A8 all": {**ALL, "weight": {"bits": 3}},
 }
 EFQAT_ON = ("W4A4 all, input 8-bit, mse", "W3A8 all")
+_LEARNABLE = {**ALL, "weight": {"bits": 4, "learnable_scale": True},
+              "activation": {"bits": 4, "calibrator": "mse", "learnable_scale": True}, "overrides": IN8}
+#: --learnable: W4A4 with learnable scales, finetune's quantizer learning rate before/after.
+LEARNABLE: dict[str, tuple[dict, dict]] = {
+    "W4A4 all, learnable scales, quantizer_lr 1e-5 (before)": (_LEARNABLE, {"quantizer_lr": 1e-5}),
+    "W4A4 all, learnable scales, relative 1e-2 x |scale| (after)": (_LEARNABLE, {}),
+}
 
 
-def run_seed(seed: int, settings: DemoSettings) -> dict[str, float]:
+def run_seed(seed: int, settings: DemoSettings, learnable: bool = False) -> dict[str, float]:
     torch.manual_seed(seed)
     data = load_mnist1d_data()
     model = demo_model(1, 10, 3)
@@ -52,7 +62,8 @@ def run_seed(seed: int, settings: DemoSettings) -> dict[str, float]:
     results = {"FP32": accuracy(model, data.test_batches())}
     example = data.train_x[:2]
     calibration = [x for x, _ in data.train_batches(settings.batch_size, seed=100)][:settings.calibration_batches]
-    for name, policy in CONFIGS.items():
+    configs = LEARNABLE if learnable else {name: (policy, {}) for name, policy in CONFIGS.items()}
+    for name, (policy, options) in configs.items():
         torch.manual_seed(seed)
         ptq = qatgraph.compile(model, policy, example_inputs=(example,))
         qatgraph.calibrate(ptq, calibration, show_progress=False)
@@ -70,7 +81,7 @@ def run_seed(seed: int, settings: DemoSettings) -> dict[str, float]:
                 results[f"{name} | {variant} rows/layer"] = ", ".join(
                     f"{layer.name}: {layer.describe().split()[0]}" for layer in qmodel.qatgraph_freeze.layers)
             qatgraph.finetune(qmodel, data.train_batches(settings.batch_size, seed=7), F.cross_entropy,
-                              epochs=settings.qat_epochs, base_lr=settings.qat_lr, show_progress=False)
+                              epochs=settings.qat_epochs, base_lr=settings.qat_lr, show_progress=False, **options)
             results[f"{name} | {variant}"] = accuracy(qmodel, data.test_batches())
     return results
 
@@ -79,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="3 FP32 epochs, 1 QAT epoch (a smoke run)")
+    parser.add_argument("--learnable", action="store_true", help="the learnable-scale rows (quantizer_lr)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     started = time.perf_counter()
-    runs = [run_seed(seed, settings) for seed in args.seeds]
+    runs = [run_seed(seed, settings, args.learnable) for seed in args.seeds]
     print(f"MNIST-1D, 1000 test samples (1 sample = 0.1 point), seeds {args.seeds}, "
           f"{time.perf_counter() - started:.0f} s, torch threads 1")
     print("| configuration | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |")
