@@ -429,14 +429,24 @@ def activation_quantizers(policy: dict) -> dict[str, tuple[int, str]]:
 ])
 def test_network_input_quantizer_gets_input_bits_at_low_bit_activations(bits, input_bits, expected) -> None:
     found = activation_quantizers({"activation": {"bits": bits, "input_bits": input_bits}})
-    assert found == {"x": (expected, "percentile"), "relu": (bits, "percentile")}
+    auto = lambda b: "mse" if b <= 4 else "percentile"  # noqa: E731  (the preset's calibrator: auto)
+    assert found == {"x": (expected, auto(expected)), "relu": (bits, auto(bits))}
 
 
 def test_input_bits_defaults_to_8_and_an_override_on_the_first_layer_still_wins() -> None:
     assert QuantSpec().input_bits == 8
     found = activation_quantizers({"activation": {"bits": 4}, "overrides": [
         {"name": "first", "activation": {"bits": 3, "input_bits": None}}]})
-    assert found == {"x": (3, "percentile"), "relu": (4, "percentile")}
+    assert found == {"x": (3, "mse"), "relu": (4, "mse")}
+    explicit = activation_quantizers({"activation": {"bits": 4, "calibrator": "percentile"}})
+    assert explicit == {"x": (8, "percentile"), "relu": (4, "percentile")}
+
+
+def test_presets_calibrate_activations_with_auto() -> None:
+    for preset in ("tensorrt", "onnxruntime"):
+        spec = Policy.from_any(preset).activation
+        assert (spec.calibrator, spec.input_bits) == ("auto", 8)
+        assert spec.resolved(is_weight=False).calibrator == "percentile"  # INT8 as before
 
 
 def test_auto_calibrator_resolves_per_bit_width_and_for_the_input_bits() -> None:

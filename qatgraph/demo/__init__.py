@@ -48,16 +48,14 @@ class DemoSettings:
 
 
 #: The low-bit rows, every layer quantized (``min_channels: 0``: the first conv and the head too):
-#: W4A4 with the network input kept at 8 bits (its quantizer is the first conv's) and the MSE
-#: calibrator for the 4-bit activations; W3A8. See BENCHMARKS.md "Low-bit recipes".
-LOW_BIT_ROWS = ("w4a4", "w3a8")
+#: W4A4 and W3A8. The preset's defaults do the rest: the network input stays at 8 bits
+#: (``activation.input_bits``) and ``calibrator: auto`` picks MSE for the 4-bit activations
+#: (BENCHMARKS.md "Low-bit recipes").
+LOW_BIT_ROWS = {"w4a4": {"weight": {"bits": 4}, "activation": {"bits": 4}}, "w3a8": {"weight": {"bits": 3}}}
 
 
-def low_bit_policy(label: str, first_layer: str) -> dict[str, Any]:
-    if label == "w3a8":
-        return {"preset": "tensorrt", "weight": {"bits": 3}, "min_channels": 0}
-    return {"preset": "tensorrt", "weight": {"bits": 4}, "activation": {"bits": 4, "calibrator": "mse"},
-            "min_channels": 0, "overrides": [{"name": first_layer, "activation": {"bits": 8, "calibrator": "percentile"}}]}
+def low_bit_policy(label: str) -> dict[str, Any]:
+    return {"preset": "tensorrt", "min_channels": 0, **LOW_BIT_ROWS[label]}
 
 
 def accuracy(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -123,10 +121,6 @@ def _load(data: str, data_dir: str | None) -> DemoData:
     return load_cifar10_data(data_dir or "")
 
 
-def _first_weighted_layer(model: nn.Module) -> str:
-    return next(name for name, module in model.named_modules() if isinstance(module, (nn.Conv1d, nn.Conv2d)))
-
-
 def run_demo(out_dir: str = "qatgraph-demo", data: str = "mnist1d", data_dir: str | None = None,
              quick: bool = False) -> DemoResult:
     import qatgraph
@@ -148,8 +142,7 @@ def run_demo(out_dir: str = "qatgraph-demo", data: str = "mnist1d", data_dir: st
 
     int8 = quantize_and_finetune(fp_model, dataset, settings, {"preset": "tensorrt"}, "int8", result)
     for label in LOW_BIT_ROWS:
-        quantize_and_finetune(fp_model, dataset, settings, low_bit_policy(label, _first_weighted_layer(fp_model)),
-                              label, result)
+        quantize_and_finetune(fp_model, dataset, settings, low_bit_policy(label), label, result)
     for key in ("ptq", "qat", "efqat"):  # the headline keys are the INT8 ones
         result.metrics[f"{key}_acc"] = result.metrics[f"int8_{key}_acc"]
 
