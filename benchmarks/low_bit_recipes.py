@@ -50,7 +50,7 @@ _LEARNABLE = {**ALL, "weight": {"bits": 4, "learnable_scale": True},
 #: --learnable: W4A4 with learnable scales, finetune's quantizer learning rate before/after.
 LEARNABLE: dict[str, tuple[dict, dict]] = {
     "W4A4 all, learnable scales, quantizer_lr 1e-5 (before)": (_LEARNABLE, {"quantizer_lr": 1e-5}),
-    "W4A4 all, learnable scales, relative 1e-2 x |scale| (after)": (_LEARNABLE, {}),
+    "W4A4 all, learnable scales, relative 1e-2 x mean abs(scale) (after)": (_LEARNABLE, {}),
 }
 
 
