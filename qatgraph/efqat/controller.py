@@ -118,6 +118,15 @@ class FreezeController:
         self.config = config
         self.layers = [FrozenLayer(name, module, _supports_partial(module)) for name, module in model.named_modules()
                        if isinstance(module, QuantWeightMixin) and module.weight.requires_grad]
+        # weighted layers left in floating point: they train unless freeze.float_layers is "freeze"
+        self.float_layers = {name: module for name, module in model.named_modules()
+                             if isinstance(module, FLOAT_WEIGHTED) and not isinstance(module, QuantWeightMixin)
+                             and isinstance(getattr(module, "weight", None), nn.Parameter)
+                             and module.weight.requires_grad}
+        self.freezes_float = getattr(config, "float_layers", "train") == "freeze"
+        if self.freezes_float:
+            for module in self.float_layers.values():
+                module.weight.requires_grad_(False)
         self.samples_since_refresh = 0
         self.refreshes = 0
         self.removed = False
@@ -246,7 +255,9 @@ class FreezeController:
         return sum(_count_rows(layer) for layer in self.layers)
 
     def describe(self) -> dict[str, str]:
-        return {layer.name: layer.describe() for layer in self.layers}
+        floats = {name: "float, weights frozen" if self.freezes_float else "float, all rows train (freeze.float_layers)"
+                  for name in self.float_layers}
+        return {**floats, **{layer.name: layer.describe() for layer in self.layers}}
 
     def __deepcopy__(self, memo: dict) -> FreezeController:
         """A copy bound to the copied model (its modules come from ``memo``) that restores its own
@@ -273,7 +284,13 @@ class FreezeController:
                 scale.requires_grad_(True)
             for name in STATE_BUFFERS:
                 set_state_buffer(module, name, None)
+        if self.freezes_float:
+            for module in self.float_layers.values():
+                module.weight.requires_grad_(True)
         _CONTROLLERS.discard(self)
+
+
+FLOAT_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 def _count_rows(layer: FrozenLayer) -> int:

@@ -178,11 +178,17 @@ class FreezeConfig:
     #: layer, comparable across layers) or ``raw`` (the paper's mean |w|, which favours layers with
     #: large weights such as the first conv and the head)
     importance: Literal["layer_normalized", "raw"] = "layer_normalized"
+    #: Conv/Linear layers left in floating point (tiny, skipped): their weights ``train`` (the
+    #: summary says so) or are ``freeze``-d too (so LWPN 0 % trains no weight at all)
+    float_layers: Literal["train", "freeze"] = "train"
 
     def validate(self) -> None:
         if self.importance not in FREEZE_IMPORTANCE:
             raise PolicyError(f"freeze.importance = {self.importance!r}: valid values are "
                               f"{', '.join(FREEZE_IMPORTANCE)}{did_you_mean(self.importance, FREEZE_IMPORTANCE)}")
+        if self.float_layers not in ("train", "freeze"):
+            raise PolicyError(f"freeze.float_layers = {self.float_layers!r}: valid values are train, freeze"
+                              f"{did_you_mean(str(self.float_layers), ('train', 'freeze'))}")
         if self.mode not in FREEZE_MODES:
             raise PolicyError(f"freeze.mode = {self.mode!r}: valid values are {', '.join(FREEZE_MODES)}"
                               f"{did_you_mean(self.mode, FREEZE_MODES)}")

@@ -513,6 +513,31 @@ def test_summary_shows_the_frozen_rows_of_each_layer():
     assert all(row.frozen == "" for row in unfrozen_rows)
 
 
+@pytest.mark.parametrize("float_layers", ["train", "freeze"])
+def test_float_layers_train_or_freeze_and_the_summary_says_which(float_layers):
+    """With min_channels 16 the tiny ``head`` (8 outputs) stays float: LWPN 0 % freezes every
+    quantized layer; the float head's weight trains unless ``float_layers: freeze``."""
+    freeze = {"mode": "lwpn", "ratio": 0.0, "float_layers": float_layers}
+    qmodel = compile_model(ConvNet(), freeze, min_channels=16)
+    controller = qmodel.qatgraph_freeze
+    assert set(controller.float_layers) == {"head"} and "head" not in {layer.name for layer in controller.layers}
+    assert qmodel.head.weight.requires_grad == (float_layers == "train")
+    assert not any(layer.module.weight.requires_grad for layer in controller.layers)
+    rows = {row.layer: row.frozen for row in qatgraph.summary(qmodel, print_table=False).rows}
+    assert rows["head"] == ("float, weights frozen" if float_layers == "freeze"
+                            else "float, all rows train (freeze.float_layers)")
+    loss = qmodel(torch.randn(2, 16, 8, 8)).sum()
+    loss.backward()
+    assert (qmodel.head.weight.grad is not None) == (float_layers == "train")
+    controller.remove()
+    assert qmodel.head.weight.requires_grad
+
+
+def test_unknown_float_layers_choice_is_named():
+    with pytest.raises(qatgraph.PolicyError, match="freeze.float_layers"):
+        qatgraph.Policy.from_any({"preset": "tensorrt", "freeze": {"float_layers": "frozen"}})
+
+
 # ------------------------------------------------------------------- torch.compile, autocast, finetune
 def test_torch_compile_aot_eager_matches_unfrozen_and_follows_refreshes():
     frozen, reference = frozen_and_reference(TokenNet(), {"mode": "cwpl", "ratio": 0.25, "interval": 4})
