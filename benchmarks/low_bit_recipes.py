@@ -14,10 +14,11 @@ Rows:
 * W3A8 on every layer.
 * EfQAT CWPN 5 % with ``freeze.importance`` ``raw`` (the paper's mean |w|) and ``layer_normalized``.
 
+* ``--bn``: finetune's ``freeze_bn_fraction`` 0.5 / 0.0 / None at W4A4 and W3A8.
 * ``--learnable``: W4A4 with learnable scales, finetune's quantizer learning rate 1e-5 (before)
   vs relative to each scale (after).
 
-    python benchmarks/low_bit_recipes.py [--seeds 0 1 2] [--quick] [--learnable]
+    python benchmarks/low_bit_recipes.py [--seeds 0 1 2] [--quick] [--learnable | --bn]
 """
 from __future__ import annotations
 
@@ -54,7 +55,16 @@ LEARNABLE: dict[str, tuple[dict, dict]] = {
 }
 
 
-def run_seed(seed: int, settings: DemoSettings, learnable: bool = False) -> dict[str, float]:
+_W4A4 = {**ALL, "weight": {"bits": 4}, "activation": {"bits": 4, "calibrator": "mse"}, "overrides": IN8}
+#: --bn: when finetune stops updating BatchNorm statistics (freeze_bn_fraction).
+BN: dict[str, tuple[dict, dict]] = {
+    f"{label}, freeze_bn_fraction {fraction}": (policy, {"freeze_bn_fraction": fraction})
+    for label, policy in (("W4A4 all", _W4A4), ("W3A8 all", {**ALL, "weight": {"bits": 3}}))
+    for fraction in (0.5, 0.0, None)
+}
+
+
+def run_seed(seed: int, settings: DemoSettings, learnable: bool = False, bn: bool = False) -> dict[str, float]:
     torch.manual_seed(seed)
     data = load_mnist1d_data()
     model = demo_model(1, 10, 3)
@@ -62,7 +72,7 @@ def run_seed(seed: int, settings: DemoSettings, learnable: bool = False) -> dict
     results = {"FP32": accuracy(model, data.test_batches())}
     example = data.train_x[:2]
     calibration = [x for x, _ in data.train_batches(settings.batch_size, seed=100)][:settings.calibration_batches]
-    configs = LEARNABLE if learnable else {name: (policy, {}) for name, policy in CONFIGS.items()}
+    configs = LEARNABLE if learnable else BN if bn else {name: (policy, {}) for name, policy in CONFIGS.items()}
     for name, (policy, options) in configs.items():
         torch.manual_seed(seed)
         ptq = qatgraph.compile(model, policy, example_inputs=(example,))
@@ -91,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="3 FP32 epochs, 1 QAT epoch (a smoke run)")
     parser.add_argument("--learnable", action="store_true", help="the learnable-scale rows (quantizer_lr)")
+    parser.add_argument("--bn", action="store_true", help="the BatchNorm-freezing rows (freeze_bn_fraction)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     started = time.perf_counter()
-    runs = [run_seed(seed, settings, args.learnable) for seed in args.seeds]
+    runs = [run_seed(seed, settings, args.learnable, args.bn) for seed in args.seeds]
     print(f"MNIST-1D, 1000 test samples (1 sample = 0.1 point), seeds {args.seeds}, "
           f"{time.perf_counter() - started:.0f} s, torch threads 1")
     print("| configuration | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |")
