@@ -159,8 +159,9 @@ def print_table(result: DemoResult, out_dir: str) -> None:
     console = Console()
     console.print(table)
     n = m["test_samples"]
-    print(f"test set: {n} samples, so one sample is {100 / n:.2f} points; INT8 is tensorrt preset (first conv and "
-          "10-way head stay float as tiny), the low-bit rows quantize every layer"
+    print(f"test set: {n} samples, so one sample is {100 / n:.2f} points; INT8 is the tensorrt preset (layers "
+          "under 16 channels, such as a 1-channel first conv or a 10-way head, stay float), the low-bit rows "
+          "quantize every layer"
           + ("; --quick: under-trained models, the accuracies say nothing" if m.get("quick") else ""))
     print(f"ONNX Runtime INT8 accuracy {pct(m['ort_int8_acc'])} (ORT default, biases rounded to int32; "
           f"{pct(m['ort_int8_float_bias_acc'])} with float biases as in TensorRT); parity with PyTorch on the "
