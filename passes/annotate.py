@@ -105,7 +105,9 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
             annotation.weight_axis = functional_weight_axis(kind, value) if resolved.weight.per_channel else None
         node.meta[OP_KEY] = annotation
         for index in args:
-            quantize_edge(node.args[index], node, index, resolved.activation, f"input of {kind} {layer}")
+            source = node.args[index]
+            spec = resolved.input_activation if getattr(source, "op", None) == "placeholder" else resolved.activation
+            quantize_edge(source, node, index, spec or resolved.activation, f"input of {kind} {layer}")
     _group_concat_scales(gm)
     return gm
 
