@@ -77,3 +77,17 @@ def test_recipe_keeps_sentence_embeddings(encoder):
     skipped = {d.layer for d in qmodel.qatgraph_info.layers if not d.quantized}
     assert {f"m.encoder.layer.{i}.output.dense" for i in range(6)} <= skipped
 
+
+
+def test_ort_parity_teacher_forced_runs_without_edits(encoder, tmp_path):
+    """Free-running ORT parity is not yet within 1 % (measured 6.9 %, BENCHMARKS.md); the
+    teacher-forced comparison runs on the unedited model (dead pooler included) and holds."""
+    graph, inputs, _, _ = encoder
+    qmodel, _ = _quantized(encoder, RECIPE)
+    path = tmp_path / "encoder.onnx"
+    qatgraph.export_onnx(qmodel, path, inputs)
+    report = qatgraph.check_parity(qmodel, path, inputs)
+    assert report.forced_relative_error is not None, "teacher-forced comparison did not run"
+    assert report.forced_relative_error <= 1e-5, report
+    assert report.root_flip_margin is None or report.root_flip_margin <= 1e-3, report
+    assert report.passed, report
