@@ -23,19 +23,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import qatgraph  # noqa: E402
 from qatgraph.graph.frontends import export_graph  # noqa: E402
 
-FFN_OUT = "m.encoder.layer.*.output.dense"
+FFN_OUT = r"m\.encoder\.layer\.\d+\.output\.dense"  # not attention.output.dense
 RECIPES = [(f"activation {cal}, residual {res}", {"preset": "tensorrt", "residual": res,
                                                    "activation": {"calibrator": cal}})
            for cal in ("percentile", "max", "mse", "entropy") for res in (True, False)]
 RECIPES += [
     ("percentile, residual false, FFN-out act calibrator max",
-     {"preset": "tensorrt", "residual": False, "overrides": [{"glob": FFN_OUT, "activation": {"calibrator": "max"}}]}),
+     {"preset": "tensorrt", "residual": False, "overrides": [{"regex": FFN_OUT, "activation": {"calibrator": "max"}}]}),
     ("percentile, residual false, FFN-out act calibrator mse",
-     {"preset": "tensorrt", "residual": False, "overrides": [{"glob": FFN_OUT, "activation": {"calibrator": "mse"}}]}),
+     {"preset": "tensorrt", "residual": False, "overrides": [{"regex": FFN_OUT, "activation": {"calibrator": "mse"}}]}),
     ("percentile, residual false, skip FFN-out of layers 0-2",
      {"preset": "tensorrt", "residual": False, "skip": [f"m.encoder.layer.{i}.output.dense" for i in range(3)]}),
     ("percentile, residual false, skip all 6 FFN-out GEMMs",
-     {"preset": "tensorrt", "residual": False, "overrides": [{"glob": FFN_OUT, "skip": True}]}),
+     {"preset": "tensorrt", "residual": False, "overrides": [{"regex": FFN_OUT, "skip": True}]}),
 ]
 
 

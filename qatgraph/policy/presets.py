@@ -9,7 +9,7 @@
 Transformer encoders (BERT family) under W8A8 PTQ: measured on a pretrained 6-layer encoder
 (BENCHMARKS.md, "Transformer PTQ"), the ``tensorrt`` preset keeps a min sentence-embedding cosine
 of 0.971; ``residual: false`` plus skipping the FFN output GEMMs (input: the GELU output) reaches
-0.991: ``{"preset": "tensorrt", "residual": False, "overrides": [{"glob": "*.output.dense", "skip": True}]}``
+0.991: ``{"preset": "tensorrt", "residual": False, "overrides": [{"regex": r".*layer\.\d+\.output\.dense", "skip": True}]}``
 (module names as in Hugging Face's ``BertModel``).
 """
 from __future__ import annotations
