@@ -6,7 +6,7 @@ activation ``QuantizeLinear`` is tagged with the qualified name of the quantizer
 (model metadata ``qatgraph.activation_quantizers``, read by the parity check to match ONNX and
 PyTorch activations by identity rather than by position); no Identity node (the TorchScript
 exporter dedups equal initializers through them); INT4/UINT4 zero points are typed initializers;
-every weight ``DequantizeLinear`` reads an initializer directly (no Transpose after it); no dead
+every weight ``DequantizeLinear`` reads an initializer directly (no Slice or Transpose after it); no dead
 node or unused initializer; the inputs' dim 0 is called ``batch`` when the batch is dynamic.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ def postprocess(model: onnx.ModelProto, dynamic_batch: bool) -> None:
     _bypass_identities(model)
     _merge_duplicate_qdq(model)
     _fold_constant_casts(model)
+    _fold_weight_slices(model)
     _fold_weight_transposes(model)
     _drop_dead_nodes(model)
     _drop_unused_initializers(model)
@@ -118,6 +119,61 @@ def _fold_constant_casts(model: onnx.ModelProto) -> None:
         tensor = onnx.helper.make_tensor(node.output[0], to, value.shape, value.astype(np.int64).reshape(-1).tolist())
         model.graph.initializer.append(tensor)
         model.graph.node.remove(node)
+
+
+def _constant_value(name: str, initializers: dict, producers: dict) -> np.ndarray | None:
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _fold_weight_slices(model: onnx.ModelProto) -> None:
+    """DequantizeLinear(W) -> Slice(constant bounds)  becomes  DequantizeLinear(W sliced).
+
+    A row slice of a packed weight (MultiheadAttention's in-projection for cross-attention) exports
+    as Slice(DQ(W)); TensorRT and the linter want the DequantizeLinear to feed the MatMul directly.
+    Per-channel scales and zero points are sliced with the weight when the slice runs along their axis.
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for index, node in enumerate(list(model.graph.node)):
+        dq = producers.get(node.input[0]) if node.op_type == "Slice" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers:
+            continue
+        bounds = [_constant_value(name, initializers, producers) if name else None for name in node.input[1:5]]
+        if any(value is None for value in bounds[:2]) or any(value is None and name for value, name in
+                                                            zip(bounds[2:], node.input[3:5])):
+            continue
+        weight = numpy_helper.to_array(initializers[dq.input[0]])
+        starts, ends = bounds[0], bounds[1]
+        axes = bounds[2] if len(bounds) > 2 and bounds[2] is not None else np.arange(len(starts))
+        steps = bounds[3] if len(bounds) > 3 and bounds[3] is not None else np.ones(len(starts), dtype=np.int64)
+        selection = [slice(None)] * weight.ndim
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            selection[int(axis) % weight.ndim] = slice(int(start), int(end), int(step))
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        inputs = [_add_initializer(model, weight[tuple(selection)], f"{dq.input[0]}_{node.name or index}_sliced")]
+        channel_axis = attributes.get("axis", 1) % weight.ndim
+        for name in dq.input[1:]:
+            value = numpy_helper.to_array(initializers[name]) if name in initializers else None
+            if value is not None and value.ndim == 1 and value.size > 1:  # per channel
+                inputs.append(_add_initializer(model, value[selection[channel_axis]],
+                                               f"{name}_{node.name or index}_sliced"))
+            else:
+                inputs.append(name)
+        new_dq = onnx.helper.make_node("DequantizeLinear", inputs, list(node.output),
+                                       name=(dq.name or "DequantizeLinear") + "_sliced_" + str(index), **attributes)
+        position = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(position, new_dq)  # the old DequantizeLinear, if now unused, is dropped later
+
+
+def _add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> str:
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    return name
 
 
 def _fold_weight_transposes(model: onnx.ModelProto) -> None:

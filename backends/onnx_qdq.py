@@ -179,12 +179,12 @@ class DequantizeWeight(nn.Module):
 
 
 @torch.no_grad()
-def integer_weight(layer: nn.Module, quantizer: FakeQuantizer) -> torch.Tensor:
+def integer_weight(layer: nn.Module, quantizer: FakeQuantizer, name: str = "weight") -> torch.Tensor:
     """The layer's quantized weight as integers in ``[qmin, qmax]`` (int8, or uint8 if unsigned)."""
     if quantizer.qmin < -128 or quantizer.qmax > 255 or (quantizer.qmin < 0 and quantizer.qmax > 127):
         raise ExportError(f"weight quantizer {quantizer.name!r} has range [{quantizer.qmin}, {quantizer.qmax}], "
                           "which fits neither int8 nor uint8; ONNX Q/DQ weights need bits <= 8")
-    weight = layer.weight.detach().float()
+    weight = getattr(layer, name).detach().float()
     shape = [1] * weight.dim()
     if quantizer.axis is not None:
         shape[quantizer.axis] = -1
@@ -197,12 +197,25 @@ def integer_weight(layer: nn.Module, quantizer: FakeQuantizer) -> torch.Tensor:
     return integers.to(torch.int8 if quantizer.qmin < 0 else torch.uint8)
 
 
-def _swap_weight(layer: nn.Module, quantizer: FakeQuantizer) -> None:
-    integers = integer_weight(layer, quantizer)
+def _swap_weight(layer: nn.Module, quantizer: FakeQuantizer, name: str = "weight") -> None:
+    integers = integer_weight(layer, quantizer, name)
     scale, zero_point = _frozen_params(quantizer, signed=quantizer.qmin < 0)
-    del layer.weight  # the float parameter must not reach the ONNX file
-    layer.register_buffer("weight", integers)
-    layer.weight_quantizer = DequantizeWeight(scale, zero_point, quantizer.axis)
+    delattr(layer, name)  # the float parameter must not reach the ONNX file
+    layer.register_buffer(name, integers)
+    setattr(layer, "weight_quantizer" if name == "weight" else f"{name}_quantizer",
+            DequantizeWeight(scale, zero_point, quantizer.axis))
+
+
+def functional_weight_quantizers(module: nn.Module) -> list[tuple[str, FakeQuantizer]]:
+    """(tensor name, quantizer) of the functional-op weights held by ``module`` (passes/materialize.py
+    registers ``<name>_quantizer`` next to a parameter or buffer ``<name>`` that F.linear/matmul read)."""
+    found = []
+    for child_name, child in module.named_children():
+        tensor = child_name[:-len("_quantizer")] if child_name.endswith("_quantizer") else None
+        if tensor and tensor not in ("weight", "input") and isinstance(child, FakeQuantizer) and child.is_weight and \
+                isinstance(getattr(module, tensor, None), torch.Tensor):
+            found.append((tensor, child))
+    return found
 
 
 def check_activation_range(name: str, quantizer: FakeQuantizer, opset: int) -> None:
@@ -261,6 +274,12 @@ def prepare_for_export(qmodel: nn.Module, opset: int, args: tuple | None = None)
                 _swap_weight(layer, quantizer)
             else:
                 layer.weight_quantizer = nn.Identity()
+            counts["weights" if quantizer.is_enabled else "disabled"] += 1
+        for tensor, quantizer in functional_weight_quantizers(layer):
+            if quantizer.is_enabled:
+                _swap_weight(layer, quantizer, tensor)
+            else:
+                setattr(layer, f"{tensor}_quantizer", nn.Identity())
             counts["weights" if quantizer.is_enabled else "disabled"] += 1
     stand_ins: dict[int, nn.Module] = {}
     for parent in list(model.modules()):

@@ -10,6 +10,8 @@ Guarantees:
 * frozen rows stay bit-identical through any optimizer step; importance is refreshed every
   ``freeze.interval`` training samples;
 * parameter names and shapes are unchanged (checkpoints load into the uncompiled model);
+* Conv/Linear layers left in floating point train (``freeze.float_layers: train``, the summary says
+  so) or have their weights frozen too (``float_layers: freeze``: LWPN 0 % then trains no weight);
 * each layer's current frozen state shows in ``qatgraph.summary`` (column "frozen").
 This pass works on the whole model rather than one graph region because CWPN and LWPN rank rows
 and layers across the network.

@@ -11,6 +11,11 @@ Guarantees:
   measured cheapest (``qatgraph.quant.quantizer.COMPILED_FORMS``);
 * every quantized Conv/ConvTranspose/Linear module is swapped in place for its quantized class
   with a per-channel weight quantizer (parameter names unchanged), calibrated from its weight;
+* every quantized functional op on a parameter or constant (``annotation.weight_source``) reads
+  its weight through a weight quantizer registered on the weight's owner module, next to the
+  weight (``weight_quantizer`` for a tensor named ``weight``, else ``<name>_quantizer``; see
+  :func:`qatgraph.graph.annotations.weight_quantizer_path`), per channel on the annotated axis and calibrated from the
+  weight; ops sharing a weight share its quantizer. The export swaps it like a layer's;
 * the GraphModule is recompiled and lints clean.
 Quantizer names depend only on the graph, so a fresh compile of the same model and policy
 loads a trained model's ``state_dict``.
@@ -22,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from qatgraph.graph.annotations import TENSOR_KEY, op_annotation, tensor_annotation
+from qatgraph.graph.annotations import TENSOR_KEY, op_annotation, tensor_annotation, weight_quantizer_path
 from qatgraph.graph.queries import node_module
 from qatgraph.policy import Policy
 from qatgraph.quant.qmodules import quantize_module
@@ -59,14 +64,50 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
             nodes[consumer_name].replace_input_with(node, quantized)
         if node.op == "placeholder":
             last_placeholder = [quantized]
-    for node in gm.graph.nodes:
+    weight_nodes: dict[str, fx.Node] = {}
+    for node in list(gm.graph.nodes):
         annotation = op_annotation(node)
         module = node_module(gm, node)
         if annotation is not None and annotation.quantized and module is not None:
             quantize_module(module, annotation.weight_spec, annotation.layer)
+        elif annotation is not None and annotation.quantized and annotation.weight_source is not None:
+            _quantize_functional_weight(gm, node, annotation, weight_nodes, prefix)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _quantize_functional_weight(gm: fx.GraphModule, node: fx.Node, annotation, weight_nodes: dict[str, fx.Node],
+                                prefix: str) -> None:
+    source = annotation.weight_source
+    quantized = weight_nodes.get(source)
+    if quantized is None:
+        path = weight_quantizer_path(source)
+        owner_name, _, local = path.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        weight = getattr(owner, source.rpartition(".")[2])
+        existing = getattr(owner, local, None)
+        if not isinstance(existing, FakeQuantizer):
+            axis = annotation.weight_axis
+            quantizer = FakeQuantizer(annotation.weight_spec, axis=axis,
+                                      num_channels=weight.shape[axis] if axis is not None else None,
+                                      name=f"{prefix}.{path}" if prefix else path, is_weight=True)
+            quantizer.to(weight.device)
+            quantizer.calibrate_from(weight.detach())
+            owner.add_module(local, quantizer)
+        getter = _getter(node.args[annotation.weight_arg])
+        with gm.graph.inserting_after(getter):
+            quantized = gm.graph.call_module(path, (getter,))
+        quantized.meta["tensor_meta"] = getter.meta.get("tensor_meta")
+        weight_nodes[source] = quantized
+    expression = node.args[annotation.weight_arg]
+    # The weight itself, or a row slice of it (MultiheadAttention's packed in-projection): the
+    # quantizer is per output row, so slicing the quantized weight is quantizing the slice.
+    (node if expression.op == "get_attr" else expression).replace_input_with(_getter(expression), quantized)
+
+
+def _getter(expression: fx.Node) -> fx.Node:
+    return expression if expression.op == "get_attr" else expression.args[0]
 
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.ops.aten.relu.default)

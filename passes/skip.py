@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from qatgraph.graph.annotations import op_annotation, unquantize_consumer
 from qatgraph.graph.queries import node_module
-from qatgraph.passes.annotate import MatMul
+from qatgraph.passes.annotate import functional_type
 from qatgraph.policy import Policy
 
 
@@ -22,7 +22,7 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
         if annotation is None or not annotation.quantized:
             continue
         module = node_module(gm, node)
-        resolved = policy.resolve(annotation.layer, type(module) if module is not None else MatMul)
+        resolved = policy.resolve(annotation.layer, type(module) if module is not None else functional_type(node))
         if resolved.skip_rule is None:
             continue
         annotation.quantized = False

@@ -158,10 +158,11 @@ def _add_deploy_commands(sub) -> None:
     p.add_argument("--timing-cache", help="timing cache file to read and update")
 
     p = _subcommand(sub, "demo", "end-to-end QAT on a real data set",
-                    "FP32, PTQ, QAT and EfQAT on scikit-learn's digits (or CIFAR-10), sensitivity report, ONNX "
+                    "FP32, PTQ, QAT and EfQAT at INT8 and low bits on MNIST-1D (generated locally; or scikit-learn's "
+                    "digits, or CIFAR-10), sensitivity report, ONNX "
                     "export, lint, ONNX Runtime accuracy, parity and latency.", commands.cmd_demo)
     p.add_argument("--out", default="qatgraph-demo", help="directory for every artifact")
-    p.add_argument("--data", default="digits", choices=["digits", "cifar10"], help="data set")
+    p.add_argument("--data", default="mnist1d", choices=["mnist1d", "digits", "cifar10"], help="data set")
     p.add_argument("--data-dir", help="CIFAR-10 python-pickle directory (for --data cifar10)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for CI)")
 

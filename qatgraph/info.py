@@ -26,17 +26,25 @@ class LayerDecision:
     reason: str
     eager: bool = False
     input_quantizers: list[str] = field(default_factory=list)
+    functional_weight_quantizer: str | None = None  # functional ops: the quantizer next to their weight
 
     @property
     def weight_quantizer(self) -> str | None:
+        if self.functional_weight_quantizer is not None:
+            return self.functional_weight_quantizer if self.quantized else None
         return f"{self.layer}.weight_quantizer" if self.quantized and self.kind != "matmul" else None
 
     @classmethod
     def from_annotation(cls, annotation: OpAnnotation, region: fx.GraphModule, node: fx.Node) -> LayerDecision:
+        from qatgraph.graph.annotations import weight_quantizer_path
+
         prefix = region.meta.get("qatgraph_prefix", "")
-        inputs = []
-        for arg in node.args:
-            if isinstance(arg, fx.Node) and "qatgraph.quantizer" in arg.meta:
+        inputs, functional_weight = [], None
+        for index, arg in enumerate(node.args):
+            if index == annotation.weight_arg and annotation.weight_source is not None:
+                path = weight_quantizer_path(annotation.weight_source)
+                functional_weight = f"{prefix}.{path}" if prefix else path
+            elif isinstance(arg, fx.Node) and "qatgraph.quantizer" in arg.meta:
                 target = arg.meta["qatgraph.quantizer"]
                 inputs.append(f"{prefix}.{target}" if prefix else target)
         if node.op == "call_module":
@@ -44,7 +52,7 @@ class LayerDecision:
         else:
             type_name = getattr(node.target, "__name__", str(node.target))
         return cls(annotation.layer, annotation.kind, type_name, annotation.quantized, annotation.reason,
-                   input_quantizers=inputs)
+                   input_quantizers=inputs, functional_weight_quantizer=functional_weight)
 
 
 @dataclass

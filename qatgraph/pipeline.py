@@ -5,9 +5,10 @@ annotation until ``materialize``, so the skip pass runs *before* the residual pa
 conv must not pull a quantizer onto its residual skip input), and one pass turns the final
 annotations into modules:
 
-    attention → fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
+    einsum → mha → attention → fuse → annotate → skip → residual → materialize → freeze (when the policy asks for it)
 
-``attention`` decomposes ``scaled_dot_product_attention`` into matmul/softmax/matmul so that
+``einsum`` rewrites two-operand einsum GEMMs as matmul (passes/einsum.py); ``mha`` re-expresses ``nn.MultiheadAttention`` as functional Linears around an SDPA call
+(passes/mha.py); ``attention`` decomposes ``scaled_dot_product_attention`` into matmul/softmax/matmul so that
 annotate sees both attention GEMMs (passes/attention.py).
 """
 from __future__ import annotations
@@ -29,9 +30,11 @@ from qatgraph.graph.sharing import eager_residual_adds, float_run, share_input_q
 from qatgraph.passes import (
     annotate,
     attention,
+    einsum,
     freeze,
     fuse,
     materialize,
+    mha,
     residual,
     skip,
 )
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 
 GraphPass = Callable[[fx.GraphModule, Policy], fx.GraphModule]
 PASSES: list[tuple[str, GraphPass]] = [
+    ("einsum", einsum.run),
+    ("mha", mha.run),
     ("attention", attention.run),
     ("fuse", fuse.run),
     ("annotate", annotate.run),
@@ -93,8 +98,8 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
             annotation = op_annotation(node)
             if annotation is not None:
                 decisions.append(LayerDecision.from_annotation(annotation, region, node))
-                if annotation.kind == "matmul":
-                    matmul_layers[annotation.layer] = annotate.MatMul
+                if node.op != "call_module":  # functional ops: the type policy type rules see
+                    matmul_layers[annotation.layer] = annotate.functional_type(node)
     decisions += _quantize_eager_layers(root, regions, policy, report)
     if not report.fully_traced or report.eager_layers:  # untraced code, or leaf modules' layers
         if example_args is not None or example_kwargs:

@@ -53,11 +53,12 @@ def halves(batches, rank: int):
 
 
 def efqat_model(mode: str, ratio: float, interval: int) -> nn.Module:
-    """TinyNet whose fc rows matter most (10x the weights): conv2 is left with no trainable row."""
+    """TinyNet whose fc rows matter most (10x the weights, ranked by raw mean |w|): conv2 is left
+    with no trainable row."""
     model = tiny_model()
     with torch.no_grad():
         model.fc.weight.mul_(10.0)
-    policy = {**LEARNABLE, "freeze": {"mode": mode, "ratio": ratio, "interval": interval}}
+    policy = {**LEARNABLE, "freeze": {"mode": mode, "ratio": ratio, "interval": interval, "importance": "raw"}}
     qmodel = qatgraph.compile(model, policy, example_inputs=(torch.randn(2, 3, 8, 8),))
     qatgraph.calibrate(qmodel, [x for x, _ in training_batches(seed=4)], show_progress=False)
     return qmodel

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import models  # tests/ is on sys.path: conftest.py under pytest, the script's folder when run as a script
+import models_arch
 import models_extra
 import onnx
 import pytest
@@ -70,6 +71,9 @@ CASES: dict[str, Case] = {
     "unet": Case(conv_model(models_extra.UNetLike), images((3, 32, 32))),
     "bert_like": Case(models_extra.BertLikeEncoder, tokens, tokens=True),
     "vit_sdpa": Case(models_extra.vit_sdpa_like, images((3, 32, 32)), slow=True),
+    "vit_mha": Case(models_arch.VitMha, images((3, 32, 32))),
+    "swin_window": Case(models_arch.SwinLike, images((3, 32, 32))),
+    "efficientnet_mbconv": Case(conv_model(models_arch.EfficientNetLike), images((3, 32, 32))),
     "yolo": Case(conv_model(models_extra.YoloLike), images((3, 64, 64)), slow=True),
     # tracing.frontend fx: partial torch.fx tracing (auto would export it whole with torch.export).
     "yolo_input_check": Case(conv_model(models_extra.YoloWithInputCheck), images((3, 64, 64)), slow=True,

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import qatgraph
 from qatgraph.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,9 +107,13 @@ def test_demo_quick_writes_every_artifact(tmp_path):
 
     result = run_demo(out_dir=str(tmp_path), quick=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("fp32_acc", "ptq_acc", "qat_acc", "efqat_acc", "ort_int8_acc", "qat_backward_ms", "ort_int8_ms"):
+    for key in ("fp32_acc", "ptq_acc", "qat_acc", "efqat_acc", "ort_int8_acc", "qat_backward_ms", "ort_int8_ms",
+                "w4a4_ptq_acc", "w4a4_qat_acc", "w4a4_efqat_acc", "w3a8_ptq_acc", "w3a8_qat_acc", "w3a8_efqat_acc",
+                "ort_parity_max_rel", "ort_parity_max_steps"):
         assert key in summary, key
-    assert summary["fp32_acc"] > 0.8 and summary["ort_parity_top1"] > 0.95
+    assert summary["dataset"].startswith("mnist1d") and summary["test_samples"] == 1000
+    assert summary["fp32_acc"] > 0.5 and summary["ort_parity_top1"] > 0.95  # 3 epochs: well above 10 % chance
+    assert 0.0 <= summary["ort_parity_max_rel"] < 1.0 and summary["ort_parity_max_steps"] >= 0.0
     assert summary["lint_errors"] == 0
     for name in ("model_int8.onnx", "model_fp32.onnx", "sensitivity/sensitivity.html"):
         assert (tmp_path / name).exists(), name
@@ -117,6 +122,25 @@ def test_demo_quick_writes_every_artifact(tmp_path):
     # in the parity check), ORT's accuracy differs at most by the fraction of disagreeing samples.
     disagreement = 1.0 - summary["ort_parity_top1"]
     assert abs(summary["ort_int8_float_bias_acc"] - summary["qat_acc"]) <= disagreement + 1e-9
+
+
+def test_mnist1d_is_generated_once_and_cached(tmp_path, monkeypatch):
+    from qatgraph.demo import data as demo_data
+
+    first = demo_data.load_mnist1d_data(cache_dir=str(tmp_path))
+    cached = list(tmp_path.iterdir())
+    assert [p.name for p in cached] == ["mnist1d_seed42.pkl"]
+    monkeypatch.setitem(sys.modules, "mnist1d", None)  # a second load must not need the generator
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    second = demo_data.load_mnist1d_data(cache_dir=str(tmp_path))
+    assert first.input_shape == second.input_shape == (1, 40)
+    assert (len(first.train_x), len(first.test_x)) == (4000, 1000)
+    assert torch.equal(first.test_x, second.test_x) and torch.equal(first.train_y, second.train_y)
+    cached[0].write_bytes(b"damaged")  # a damaged cache is regenerated, or named if it cannot be
+    with pytest.raises(qatgraph.QatgraphError, match="mnist1d"):
+        demo_data.load_mnist1d_data(cache_dir=str(tmp_path))
+    monkeypatch.undo()
+    assert torch.equal(demo_data.load_mnist1d_data(cache_dir=str(tmp_path)).test_x, first.test_x)
 
 
 @pytest.mark.slow

@@ -402,3 +402,65 @@ def test_skip_list_reason() -> None:
     decision = compiled.qatgraph_info.layer("layer3.1.conv2")
     assert not decision.quantized and decision.reason == "skipped by skip list"
     assert type(compiled.get_submodule("layer3.1.conv2")) is nn.Conv2d
+
+
+# --------------------------------------------------------------- low-bit recipe options
+class Conv1dStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.relu, self.second = nn.Conv1d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.relu(self.first(x)))
+
+
+def activation_quantizers(policy: dict) -> dict[str, tuple[int, str]]:
+    from qatgraph.quant.quantizer import FakeQuantizer
+
+    qmodel = qatgraph.compile(Conv1dStack(), {"preset": "tensorrt", "min_channels": 0, **policy},
+                              example_inputs=(torch.randn(2, 1, 8),))
+    return {name.rsplit(".", 1)[-1]: (q.spec.bits, q.spec.calibrator) for name, q in qmodel.named_modules()
+            if isinstance(q, FakeQuantizer) and not q.is_weight}
+
+
+@pytest.mark.parametrize("bits, input_bits, expected", [
+    (4, 8, 8), (4, None, 4), (3, 6, 6), (4, 4, 4), (4, 2, 4),  # never fewer bits than the activations
+    (6, 8, 6), (8, 8, 8),  # only <= 4-bit activations change the input
+])
+def test_network_input_quantizer_gets_input_bits_at_low_bit_activations(bits, input_bits, expected) -> None:
+    found = activation_quantizers({"activation": {"bits": bits, "input_bits": input_bits}})
+    auto = lambda b: "mse" if b <= 4 else "percentile"  # noqa: E731  (the preset's calibrator: auto)
+    assert found == {"x": (expected, auto(expected)), "relu": (bits, auto(bits))}
+
+
+def test_input_bits_defaults_to_8_and_an_override_on_the_first_layer_still_wins() -> None:
+    assert QuantSpec().input_bits == 8
+    found = activation_quantizers({"activation": {"bits": 4}, "overrides": [
+        {"name": "first", "activation": {"bits": 3, "input_bits": None}}]})
+    assert found == {"x": (3, "mse"), "relu": (4, "mse")}
+    explicit = activation_quantizers({"activation": {"bits": 4, "calibrator": "percentile"}})
+    assert explicit == {"x": (8, "percentile"), "relu": (4, "percentile")}
+
+
+def test_presets_calibrate_activations_with_auto() -> None:
+    for preset in ("tensorrt", "onnxruntime"):
+        spec = Policy.from_any(preset).activation
+        assert (spec.calibrator, spec.input_bits) == ("auto", 8)
+        assert spec.resolved(is_weight=False).calibrator == "percentile"  # INT8 as before
+
+
+def test_auto_calibrator_resolves_per_bit_width_and_for_the_input_bits() -> None:
+    found = activation_quantizers({"activation": {"bits": 4, "calibrator": "auto"}})
+    assert found == {"x": (8, "percentile"), "relu": (4, "mse")}
+    assert activation_quantizers({"activation": {"bits": 8, "calibrator": "auto"}}) == {
+        "x": (8, "percentile"), "relu": (8, "percentile")}
+    for bits, expected in ((8, "max"), (4, "mse"), (3, "mse")):
+        assert QuantSpec(bits=bits, calibrator="auto").resolved(is_weight=True).calibrator == expected
+    assert QuantSpec(bits=6, calibrator="auto").resolved(is_weight=False).calibrator == "percentile"
+    assert QuantSpec(calibrator="entropy").resolved(is_weight=False).calibrator == "entropy"
+
+
+@pytest.mark.parametrize("value", [1, 9, 4.0, True, "8"])
+def test_bad_input_bits_is_named(value) -> None:
+    with pytest.raises(PolicyError, match="activation.input_bits"):
+        Policy.from_any({"preset": "tensorrt", "activation": {"input_bits": value}})

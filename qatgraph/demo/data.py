@@ -1,5 +1,6 @@
-"""Demo data sets with no download: scikit-learn's bundled handwritten digits, or CIFAR-10 from
-its standard python-pickle files for users who have them."""
+"""Demo data sets with no download: MNIST-1D (the ``mnist1d`` package generates it locally; the
+default, hard enough that low-bit PTQ loses accuracy), scikit-learn's bundled handwritten digits,
+or CIFAR-10 from its standard python-pickle files for users who have them."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qatgraph.atomic_files import write_bytes
 from qatgraph.errors import QatgraphError
 
 
@@ -75,3 +77,40 @@ def load_cifar10_data(data_dir: str) -> DemoData:
     normalize = lambda a: torch.from_numpy((a - mean) / std)  # noqa: E731
     return DemoData("cifar10", normalize(train_x), torch.from_numpy(train_y).long(), normalize(test_x),
                     torch.from_numpy(test_y).long(), 10)
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "qatgraph")
+
+
+def load_mnist1d_data(seed: int = 42, cache_dir: str | None = None) -> DemoData:
+    """MNIST-1D (Greydanus 2020): 4000 train / 1000 test sequences of 40 samples, the ten digits
+    as 1-D templates padded, shifted, scaled, sheared and noised. Generated locally by the
+    ``mnist1d`` package (no download) with its default arguments and ``seed``; the result is
+    cached (written atomically) under ``$XDG_CACHE_HOME/qatgraph`` (``~/.cache/qatgraph``)."""
+    path = os.path.join(cache_dir or _cache_dir(), f"mnist1d_seed{seed}.pkl")
+    data = None
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as handle:
+                data = pickle.load(handle)
+        except (OSError, pickle.UnpicklingError, EOFError):
+            data = None  # a damaged cache: generate it again
+    if data is None:
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError:
+            raise QatgraphError("the mnist1d demo needs the mnist1d package: pip install 'qatgraph[demo]' "
+                                "(or run the demo with --data digits)") from None
+        args = get_dataset_args()
+        args.seed = seed
+        raw = make_dataset(args)
+        data = {key: np.asarray(raw[key]) for key in ("x", "y", "x_test", "y_test")}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_bytes(path, pickle.dumps(data), "mnist1d cache")
+    train_x, test_x = data["x"].astype(np.float32), data["x_test"].astype(np.float32)
+    mean, std = train_x.mean(), train_x.std()
+    as_tensor = lambda a: torch.from_numpy((a - mean) / std).unsqueeze(1)  # noqa: E731
+    return DemoData("mnist1d", as_tensor(train_x), torch.from_numpy(data["y"]).long(), as_tensor(test_x),
+                    torch.from_numpy(data["y_test"]).long(), 10)

@@ -1,6 +1,9 @@
 """EfQAT: train only the most important weight rows (channels) or layers.
 
-Importance of an output row (conv channel / linear row) is ``mean |w|`` over the row. Modes:
+Importance of an output row (conv channel / linear row) is ``mean |w|`` over the row, divided by
+the mean of its layer (``freeze.importance: layer_normalized``, the default, so rows of layers with
+small weights can compete network-wide) or not (``importance: raw``, the EfQAT paper's score).
+Modes:
 
 * ``cwpl`` — the top ``ratio`` of rows in each layer;
 * ``cwpn`` — the top ``ratio`` of rows across the whole network;
@@ -93,9 +96,14 @@ class FrozenLayer:
             return trainable
         return torch.empty(0, dtype=torch.long, device=self.frozen_rows.device)
 
-    def importance(self) -> torch.Tensor:
+    def importance(self, kind: str = "raw") -> torch.Tensor:
+        """Mean |w| per row (``raw``, the paper's score) or that divided by the layer's mean
+        (``layer_normalized``: 1.0 is an average row of its layer, comparable across layers)."""
         weight = self.module.weight.detach()
-        return weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float().cpu()
+        scores = weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float().cpu()
+        if kind == "layer_normalized":
+            scores = scores / scores.mean().clamp_min(torch.finfo(torch.float32).tiny)
+        return scores
 
     def describe(self) -> str:
         rows = self.rows
@@ -110,6 +118,15 @@ class FreezeController:
         self.config = config
         self.layers = [FrozenLayer(name, module, _supports_partial(module)) for name, module in model.named_modules()
                        if isinstance(module, QuantWeightMixin) and module.weight.requires_grad]
+        # weighted layers left in floating point: they train unless freeze.float_layers is "freeze"
+        self.float_layers = {name: module for name, module in model.named_modules()
+                             if isinstance(module, FLOAT_WEIGHTED) and not isinstance(module, QuantWeightMixin)
+                             and isinstance(getattr(module, "weight", None), nn.Parameter)
+                             and module.weight.requires_grad}
+        self.freezes_float = getattr(config, "float_layers", "train") == "freeze"
+        if self.freezes_float:
+            for module in self.float_layers.values():
+                module.weight.requires_grad_(False)
         self.samples_since_refresh = 0
         self.refreshes = 0
         self.removed = False
@@ -122,10 +139,11 @@ class FreezeController:
     def refresh(self) -> None:
         """Recompute importance and the trainable rows of every layer; snapshot frozen rows."""
         mode, ratio = self.config.mode, float(self.config.ratio)
+        kind = getattr(self.config, "importance", "layer_normalized")
         if mode == "cwpl":
-            selections = {id(layer): _top_rows(layer.importance(), ratio) for layer in self.layers if layer.partial_ok}
+            selections = {id(layer): _top_rows(layer.importance(kind), ratio) for layer in self.layers if layer.partial_ok}
         elif mode == "cwpn":
-            selections = self._network_rows(ratio)
+            selections = self._network_rows(ratio, kind)
         else:
             selections = self._network_layers(ratio)
         for layer in self.layers:
@@ -136,11 +154,11 @@ class FreezeController:
             log.info("qatgraph EfQAT (%s, ratio %.3g): %d of %d rows train", mode, ratio, self.trainable_rows,
                      self.total_rows)
 
-    def _network_rows(self, ratio: float) -> dict[int, torch.Tensor]:
+    def _network_rows(self, ratio: float, kind: str) -> dict[int, torch.Tensor]:
         eligible = [layer for layer in self.layers if layer.partial_ok]
         if not eligible:
             return {}
-        scores = torch.cat([layer.importance() for layer in eligible])
+        scores = torch.cat([layer.importance(kind) for layer in eligible])
         keep = _count(ratio, scores.numel())
         chosen = torch.zeros(scores.numel(), dtype=torch.bool)
         chosen[torch.topk(scores, keep).indices] = True
@@ -237,7 +255,9 @@ class FreezeController:
         return sum(_count_rows(layer) for layer in self.layers)
 
     def describe(self) -> dict[str, str]:
-        return {layer.name: layer.describe() for layer in self.layers}
+        floats = {name: "float, weights frozen" if self.freezes_float else "float, all rows train (freeze.float_layers)"
+                  for name in self.float_layers}
+        return {**floats, **{layer.name: layer.describe() for layer in self.layers}}
 
     def __deepcopy__(self, memo: dict) -> FreezeController:
         """A copy bound to the copied model (its modules come from ``memo``) that restores its own
@@ -264,7 +284,13 @@ class FreezeController:
                 scale.requires_grad_(True)
             for name in STATE_BUFFERS:
                 set_state_buffer(module, name, None)
+        if self.freezes_float:
+            for module in self.float_layers.values():
+                module.weight.requires_grad_(True)
         _CONTROLLERS.discard(self)
+
+
+FLOAT_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 def _count_rows(layer: FrozenLayer) -> int:

@@ -32,6 +32,11 @@ class OpAnnotation:
     weight_spec: QuantSpec | None = None
     activation_spec: QuantSpec | None = None
     activation_args: tuple[int, ...] = ()
+    # Functional ops (F.linear(x, self.w), x @ self.w): the get_attr target of the weight, its
+    # output-channel axis (None: per tensor) and the argument it feeds.
+    weight_source: str | None = None
+    weight_axis: int | None = None
+    weight_arg: int | None = None
 
 
 @dataclass
@@ -50,6 +55,14 @@ class TensorAnnotation:
     @property
     def reasons(self) -> list[str]:
         return [edge.reason for edge in self.edges]
+
+
+def weight_quantizer_path(weight_source: str) -> str:
+    """Where the weight quantizer of a functional op on ``weight_source`` (a get_attr target)
+    lives: next to the tensor, ``weight_quantizer`` for one named ``weight``, else ``<name>_quantizer``."""
+    owner, _, name = weight_source.rpartition(".")
+    local = "weight_quantizer" if name == "weight" else f"{name}_quantizer"
+    return f"{owner}.{local}" if owner else local
 
 
 def op_annotation(node: fx.Node) -> OpAnnotation | None:

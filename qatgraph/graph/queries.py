@@ -17,7 +17,11 @@ from qatgraph.quant.qmodules import op_kind
 # Ops whose activation inputs TensorRT wants quantized (rule 1), by node target.
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 MATMUL_METHODS = {"matmul", "bmm"}
-FUNCTIONAL_WEIGHTED = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
+FUNCTIONAL_WEIGHTED = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv",
+                       F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose",
+                       F.conv_transpose3d: "conv_transpose"}
+# Other GEMM-like functions: listed in the summary (never silently skipped) but not quantized.
+OTHER_GEMM_FUNCTIONS = {torch.einsum, torch.addmm, torch.baddbmm, torch.addbmm, torch.tensordot}
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
@@ -27,6 +31,9 @@ CAT_FUNCTIONS = {torch.cat, torch.concat}
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CHAIN_PASSTHROUGH_TYPES = BATCHNORM_TYPES + (nn.Dropout, nn.Identity)
 CHAIN_PASSTHROUGH_FUNCTIONS = {F.dropout, F.batch_norm}
+# Identity-like in eval, a per-sample scale in training: stochastic depth / drop path, however spelled
+# (torchvision's ``stochastic_depth`` is an fx-wrapped function; timm's ``DropPath`` a module).
+IDENTITY_LIKE_NAMES = {"stochastic_depth", "drop_path", "StochasticDepth", "DropPath"}
 
 
 def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -73,8 +80,61 @@ def cat_inputs(node: fx.Node) -> list[fx.Node]:
 def is_chain_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     module = node_module(gm, node)
     if module is not None:
-        return isinstance(module, CHAIN_PASSTHROUGH_TYPES)
-    return node.op == "call_function" and node.target in CHAIN_PASSTHROUGH_FUNCTIONS
+        return isinstance(module, CHAIN_PASSTHROUGH_TYPES) or type(module).__name__ in IDENTITY_LIKE_NAMES
+    if node.op == "call_method" and node.target == "contiguous":
+        return True
+    return node.op == "call_function" and (node.target in CHAIN_PASSTHROUGH_FUNCTIONS or
+                                           getattr(node.target, "__name__", None) in IDENTITY_LIKE_NAMES)
+
+
+def weight_argument(kind: str, node: fx.Node) -> int | None:
+    """Index of the weight argument of a functional weighted op (F.linear/F.conv*: 1; matmul:
+    the second operand), or None for a module call."""
+    if node.op == "call_module":
+        return None
+    return 1 if len(node.args) > 1 else None
+
+
+def constant_source(node: object) -> fx.Node | None:
+    """The ``get_attr`` node (a parameter or buffer) ``node`` is, or a row slice ``w[a:b]`` of
+    (MultiheadAttention's packed in-projection), or None for a computed tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice) and \
+            isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" and len(node.users) == 1:
+        return node.args[0]
+    return None
+
+
+def functional_weight(gm: fx.GraphModule, kind: str, node: fx.Node) -> fx.Node | None:
+    """The get_attr node holding the weight of a functional weighted op, when its weight is a
+    parameter or constant of the model (``F.linear(x, self.qkv.weight)``, ``x @ self.w``)."""
+    index = weight_argument(kind, node)
+    if index is None:
+        return None
+    source = constant_source(node.args[index])
+    if source is None:
+        return None
+    value = fetch_attr(gm, str(source.target))
+    return source if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2 else None
+
+
+def fetch_attr(gm: nn.Module, target: str) -> object:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
+
+
+def functional_weight_axis(kind: str, weight: torch.Tensor) -> int | None:
+    """Output-channel axis of a functional weight: 0 for F.linear/F.conv (weight [out, in, ...]),
+    1 for F.conv_transpose ([in, out/groups, ...]), the last for a 2-D matmul operand ([K, N]);
+    None (per tensor) for a batched matmul constant, which TensorRT cannot scale per channel."""
+    if kind in ("linear", "conv"):
+        return 0
+    if kind == "conv_transpose":
+        return 1
+    return weight.dim() - 1 if weight.dim() == 2 else None
 
 
 def chain_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:

@@ -203,12 +203,13 @@ class Policy:
             applied.append(rule.describe())
         if module_name in self.skip:
             skip_rule = skip_rule or "skip list"
-        resolved = ResolvedLayer(weight=QuantSpec(**weight), activation=QuantSpec(**activation),
-                                 skip_rule=skip_rule, applied_rules=applied)
+        weight_spec, activation_spec = QuantSpec(**weight), QuantSpec(**activation)
         where = f"layer {module_name!r} (after overrides {applied})"
-        resolved.weight.validate(where + " weight")
-        resolved.activation.validate(where + " activation")
-        return resolved
+        weight_spec.validate(where + " weight")
+        activation_spec.validate(where + " activation")
+        return ResolvedLayer(weight=weight_spec.resolved(is_weight=True), activation=activation_spec.resolved(False),
+                             skip_rule=skip_rule, applied_rules=applied,
+                             input_activation=activation_spec.for_network_input().resolved(False))
 
     def check_rules_match(self, module_names: list[str], module_types: dict[str, type]) -> None:
         """Raise if an override or skip entry matches none of the model's modules."""
@@ -226,10 +227,14 @@ class Policy:
 
 @dataclass
 class ResolvedLayer:
+    """``activation`` quantizes the layer's inputs; ``input_activation`` those that are network
+    inputs (``activation.input_bits``). ``calibrator: auto`` is resolved in both."""
+
     weight: QuantSpec
     activation: QuantSpec
     skip_rule: str | None
     applied_rules: list[str]
+    input_activation: QuantSpec | None = None
 
 
 _POLICY_KEYS = _field_names(Policy)

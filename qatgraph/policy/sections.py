@@ -22,10 +22,14 @@ from typing import Any, Literal
 from qatgraph.errors import PolicyError, did_you_mean
 
 Granularity = Literal["per_tensor", "per_channel"]
-CalibratorName = Literal["max", "percentile", "entropy", "mse"]
-CALIBRATORS = ("max", "percentile", "entropy", "mse")
+CalibratorName = Literal["max", "percentile", "entropy", "mse", "auto"]
+CALIBRATORS = ("max", "percentile", "entropy", "mse", "auto")
+#: ``calibrator: auto`` resolves per bit width (see BENCHMARKS.md "Low-bit recipes"): MSE at <= 4
+#: bits, where clipping outliers pays; at more bits percentile for activations, max for weights.
+LOW_BITS = 4
 GRANULARITIES = ("per_tensor", "per_channel")
 FREEZE_MODES = ("cwpl", "cwpn", "lwpn")
+FREEZE_IMPORTANCE = ("layer_normalized", "raw")
 
 
 @dataclass
@@ -47,6 +51,24 @@ class QuantSpec:
     learnable_scale: bool = False
     narrow_range: bool = False
     axis: int | None = None
+    #: activation specs only: bits of the network-input quantizer when ``bits`` <= 4 (``None``: the
+    #: same as ``bits``). Raw inputs carry the most information per value and are where 4-bit
+    #: activations cost the most; TensorRT and most QAT recipes keep them at 8 bits.
+    input_bits: int | None = 8
+
+    def resolved(self, is_weight: bool) -> QuantSpec:
+        """This spec with ``calibrator: auto`` replaced by the calibrator for its bit width."""
+        if self.calibrator != "auto":
+            return self
+        chosen = "mse" if self.bits <= LOW_BITS else ("max" if is_weight else "percentile")
+        return dataclasses.replace(self, calibrator=chosen)
+
+    def for_network_input(self) -> QuantSpec:
+        """The spec of a quantizer on a network input: ``input_bits`` when ``bits`` <= 4, else this
+        spec (call before :meth:`resolved`, so ``auto`` picks the calibrator for the input's bits)."""
+        if self.input_bits is None or self.bits > LOW_BITS or self.input_bits <= self.bits:
+            return self
+        return dataclasses.replace(self, bits=self.input_bits)
 
     @property
     def qmin(self) -> int:
@@ -65,6 +87,10 @@ class QuantSpec:
     def validate(self, where: str) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise PolicyError(f"{where}.bits = {self.bits!r}: use an integer from 2 to 8")
+        if self.input_bits is not None and (not isinstance(self.input_bits, int) or isinstance(self.input_bits, bool)
+                                            or not 2 <= self.input_bits <= 8):
+            raise PolicyError(f"{where}.input_bits = {self.input_bits!r}: use an integer from 2 to 8, or null to "
+                              "quantize the network input like every other activation")
         if self.granularity not in GRANULARITIES:
             raise PolicyError(f"{where}.granularity = {self.granularity!r}: valid values are "
                               f"{', '.join(GRANULARITIES)}{did_you_mean(self.granularity, GRANULARITIES)}")
@@ -148,8 +174,21 @@ class FreezeConfig:
     mode: Literal["cwpl", "cwpn", "lwpn"] = "cwpn"
     ratio: float = 0.05
     interval: int = 4096
+    #: how rows are ranked: ``layer_normalized`` (mean |w| of the row divided by the mean over its
+    #: layer, comparable across layers) or ``raw`` (the paper's mean |w|, which favours layers with
+    #: large weights such as the first conv and the head)
+    importance: Literal["layer_normalized", "raw"] = "layer_normalized"
+    #: Conv/Linear layers left in floating point (tiny, skipped): their weights ``train`` (the
+    #: summary says so) or are ``freeze``-d too (so LWPN 0 % trains no weight at all)
+    float_layers: Literal["train", "freeze"] = "train"
 
     def validate(self) -> None:
+        if self.importance not in FREEZE_IMPORTANCE:
+            raise PolicyError(f"freeze.importance = {self.importance!r}: valid values are "
+                              f"{', '.join(FREEZE_IMPORTANCE)}{did_you_mean(self.importance, FREEZE_IMPORTANCE)}")
+        if self.float_layers not in ("train", "freeze"):
+            raise PolicyError(f"freeze.float_layers = {self.float_layers!r}: valid values are train, freeze"
+                              f"{did_you_mean(str(self.float_layers), ('train', 'freeze'))}")
         if self.mode not in FREEZE_MODES:
             raise PolicyError(f"freeze.mode = {self.mode!r}: valid values are {', '.join(FREEZE_MODES)}"
                               f"{did_you_mean(self.mode, FREEZE_MODES)}")

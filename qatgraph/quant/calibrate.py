@@ -186,10 +186,16 @@ def run_checked(model: nn.Module, batch: Any, device: torch.device | None, index
 
 
 def _recalibrate_weight(model: nn.Module, quantizer: FakeQuantizer) -> None:
+    """From the weight the quantizer sits next to: ``weight`` for ``weight_quantizer``, ``<name>``
+    for ``<name>_quantizer`` (functional ops on a parameter, passes/materialize.py)."""
     for module in model.modules():
-        if getattr(module, "weight_quantizer", None) is quantizer:
-            quantizer.calibrate_from(module.weight.detach())
-            return
+        for child_name, child in module.named_children():
+            if child is not quantizer or not child_name.endswith("_quantizer"):
+                continue
+            tensor = getattr(module, child_name[:-len("_quantizer")], None)
+            if isinstance(tensor, torch.Tensor):
+                quantizer.calibrate_from(tensor.detach())
+                return
 
 
 def _length(batches: Iterable[Any]) -> int | None:

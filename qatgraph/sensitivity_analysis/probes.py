@@ -57,9 +57,9 @@ def layer_quantizers(model: nn.Module) -> dict[str, LayerQuantizers]:
     residual = _residual_quantizers(model)
     result = {}
     for decision in info.layers:
-        module = modules.get(decision.layer)
-        weight = f"{decision.layer}.weight_quantizer" \
-            if isinstance(getattr(module, "weight_quantizer", None), FakeQuantizer) else None
+        # decision.weight_quantizer: <layer>.weight_quantizer, or the quantizer next to a functional op's weight
+        weight = decision.weight_quantizer if isinstance(modules.get(decision.weight_quantizer or ""), FakeQuantizer) \
+            else None
         inputs = tuple(n for n in decision.input_quantizers if isinstance(modules.get(n), FakeQuantizer))
         result[decision.layer] = LayerQuantizers(decision.layer, weight, inputs, tuple(residual.get(decision.layer, ())))
     return result

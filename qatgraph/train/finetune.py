@@ -5,8 +5,12 @@
 * SGD with momentum 0.9 on the weights, learning rate ``lr_scale`` (1%) of the original, linear
   warm-up then cosine annealing to 1% of that, weight decay ``weight_decay_scale`` (x0.01) of the
   original;
-* quantizer parameters (learnable scales) in their own Adam optimizer at a tiny learning rate
-  (as EfQAT trains them), with no weight decay;
+* quantizer parameters (learnable scales) in their own Adam optimizer, with no weight decay, at a
+  learning rate relative to each scale (LSQ-style: ``quantizer_lr_relative`` x the scale's mean
+  magnitude, so a 0.004 and a 4.0 scale move by the same fraction per step), or at one absolute
+  ``quantizer_lr`` when given;
+* weight decay ``weight_decay_scale`` x ``base_weight_decay`` (the original run's weight decay;
+  ``weight_decay`` when not given);
 * BatchNorm statistics frozen after ``freeze_bn_fraction`` of the steps, quantizer ranges after
   ``freeze_quantizers_fraction`` (both configurable, ``None`` never);
 * gradient clipping, AMP (bf16 or fp16 with a grad scaler) on CUDA, EfQAT refresh through the
@@ -84,12 +88,24 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     weight_decay_scale: float = 0.01
-    quantizer_lr: float = 1e-5
+    quantizer_lr: float | None = None  # absolute Adam lr for every quantizer parameter; None: relative
+    quantizer_lr_relative: float = 1e-2  # Adam lr of a quantizer parameter = this x its mean |value|
+    base_weight_decay: float | None = None  # the original run's weight decay (replaces weight_decay)
     warmup_fraction: float = 0.05
     freeze_bn_fraction: float | None = 0.5
     freeze_quantizers_fraction: float | None = 0.8
     grad_clip: float | None = 1.0
     amp: str | None = "auto"  # "bf16", "fp16", None; "auto" = bf16 on CUDA when supported, else off
+
+
+def quantizer_adam(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Adam:
+    """Adam for the quantizer parameters: one absolute ``quantizer_lr``, or per parameter
+    ``quantizer_lr_relative`` x its mean magnitude at the start (LSQ-style scale-relative steps)."""
+    if config.quantizer_lr is not None:
+        return torch.optim.Adam(params, lr=config.quantizer_lr)
+    groups = [{"params": [p], "lr": config.quantizer_lr_relative * max(float(p.detach().abs().mean()), 1e-12)}
+              for p in params]
+    return torch.optim.Adam(groups)
 
 
 @dataclass
@@ -132,10 +148,11 @@ def finetune(qmodel: nn.Module, train_loader: Iterable[Any], loss_fn: Callable[[
     check_equal_steps(steps_per_epoch)
     total_steps = epochs * steps_per_epoch
     weights, quantizer_params = split_parameters(qmodel)
+    base_decay = config.weight_decay if config.base_weight_decay is None else config.base_weight_decay
     optimizer = torch.optim.SGD(weights, lr=base_lr * config.lr_scale, momentum=config.momentum,
-                                weight_decay=config.weight_decay * config.weight_decay_scale)
+                                weight_decay=base_decay * config.weight_decay_scale)
     scheduler = recipe(optimizer, total_steps, round(config.warmup_fraction * total_steps), config.final_lr_ratio)
-    quantizer_optimizer = torch.optim.Adam(quantizer_params, lr=config.quantizer_lr) if quantizer_params else None
+    quantizer_optimizer = quantizer_adam(quantizer_params, config) if quantizer_params else None
     device = model_device(qmodel)
     amp_dtype = _amp_dtype(config.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None

@@ -314,7 +314,7 @@ def test_4bit_weights_export_as_int8_in_the_narrow_4bit_range(tmp_path):
 
 @pytest.mark.parametrize("preset, zero_point_type", [("tensorrt", TensorProto.INT4), ("onnxruntime", TensorProto.UINT4)])
 def test_4bit_activations_need_opset_21(tmp_path, preset, zero_point_type):
-    policy = {"preset": preset, "activation": {"bits": 4}, "weight": {"bits": 4}}
+    policy = {"preset": preset, "activation": {"bits": 4, "input_bits": None}, "weight": {"bits": 4}}  # input too
     qmodel, example = compile_calibrated(lambda: models.BasicBlock(16, 32, stride=2), (2, 16, 8, 8), policy=policy)
     with pytest.raises(ExportError, match="opset 21"):
         export_onnx(qmodel, tmp_path / "a4.onnx", example)

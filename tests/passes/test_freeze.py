@@ -103,10 +103,10 @@ def compile_model(model: nn.Module, freeze: dict | None = None, *, input_shape: 
     return qmodel.train()
 
 
-def refreeze(qmodel: nn.Module, mode: str, ratio: float, interval: int = NEVER):
+def refreeze(qmodel: nn.Module, mode: str, ratio: float, interval: int = NEVER, importance: str = "layer_normalized"):
     """Re-run the freeze pass on a compiled model with another freeze config; returns the controller."""
     freeze_pass.apply(qmodel, qatgraph.Policy.from_any({"preset": "tensorrt", "freeze": {
-        "mode": mode, "ratio": ratio, "interval": interval}}))
+        "mode": mode, "ratio": ratio, "interval": interval, "importance": importance}}))
     return qmodel.qatgraph_freeze
 
 
@@ -156,10 +156,14 @@ def test_cwpl_trains_ceil_ratio_rows_of_each_layer_the_most_important(resnet, ra
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.05, 0.1, 0.25, 1.0])
-def test_cwpn_trains_ceil_ratio_of_all_rows_the_most_important_network_wide(resnet, ratio):
-    controller = refreeze(resnet, "cwpn", ratio)
+@pytest.mark.parametrize("kind", ["layer_normalized", "raw"])
+def test_cwpn_trains_ceil_ratio_of_all_rows_the_most_important_network_wide(resnet, ratio, kind):
+    controller = refreeze(resnet, "cwpn", ratio, importance=kind)
     assert controller.trainable_rows == exact_ceil(ratio, controller.total_rows)
-    scores = torch.cat([importance(layer.module.weight) for layer in controller.layers])
+    per_layer = [importance(layer.module.weight) for layer in controller.layers]
+    if kind == "layer_normalized":
+        per_layer = [scores / scores.mean() for scores in per_layer]
+    scores = torch.cat(per_layer)
     chosen = torch.cat([trainable_mask(layer) for layer in controller.layers])
     if 0 < chosen.sum() < chosen.numel():
         assert scores[chosen].min() > scores[~chosen].max(), "a frozen row is more important than a trained one"
@@ -206,6 +210,7 @@ def test_lwpn_picks_layers_by_known_mean_abs_weight(ratio, expected):
 
 @pytest.mark.parametrize("mode", ["cwpl", "cwpn"])
 def test_rows_chosen_by_known_mean_abs_weight(mode):
+    """Raw importance (the paper's mean |w|): rows are compared across layers as they are."""
     generator = torch.Generator().manual_seed(4)
     model = LinearStack()
     layers = [model.l0, model.l1, model.l2, model.l3]
@@ -213,13 +218,38 @@ def test_rows_chosen_by_known_mean_abs_weight(mode):
     values = values.split([layer.out_features for layer in layers])
     for layer, layer_values in zip(layers, values):
         set_row_importances(layer, layer_values, generator)
-    controller = compile_model(model, {"mode": mode, "ratio": 0.25}).qatgraph_freeze
+    controller = compile_model(model, {"mode": mode, "ratio": 0.25, "importance": "raw"}).qatgraph_freeze
     for layer, layer_values in zip(controller.layers, values):
         if mode == "cwpl":
             expected = torch.topk(layer_values, exact_ceil(0.25, len(layer_values))).indices.sort().values
         else:
             expected = (layer_values >= torch.cat(values).topk(28).values.min()).nonzero().flatten()
         assert torch.equal(layer.module.trainable_rows, expected), layer.name
+
+
+def test_layer_normalized_cwpn_trains_rows_of_a_layer_with_small_weights():
+    """l0 has weights 10x smaller than l1: raw mean |w| gives every trainable row to l1, the
+    per-layer normalized score ranks each row against its own layer and picks from both."""
+    generator = torch.Generator().manual_seed(5)
+    model = LinearStack()
+    spread = lambda n: torch.linspace(0.5, 1.5, n)  # noqa: E731  (row importance relative to the layer)
+    set_row_importances(model.l0, 0.01 * spread(48), generator)
+    set_row_importances(model.l1, 0.1 * spread(16), generator)
+    for layer in (model.l2, model.l3):
+        set_row_importances(layer, torch.full((layer.out_features,), 1e-3), generator)
+    rows = {}
+    for kind in ("raw", "layer_normalized"):
+        controller = compile_model(model, {"mode": "cwpn", "ratio": 0.1, "importance": kind}).qatgraph_freeze
+        rows[kind] = {layer.name: int(trainable_mask(layer).sum()) for layer in controller.layers}
+    assert rows["raw"] == {"l0": 0, "l1": 12, "l2": 0, "l3": 0}
+    # normalized: l0's and l1's top rows both score about 1.5; l2/l3 rows all score 1.0
+    assert rows["layer_normalized"]["l0"] > 0 and rows["layer_normalized"]["l1"] > 0
+    assert rows["layer_normalized"]["l2"] == rows["layer_normalized"]["l3"] == 0
+
+
+def test_unknown_importance_is_named():
+    with pytest.raises(qatgraph.PolicyError, match="freeze.importance"):
+        qatgraph.Policy.from_any({"preset": "tensorrt", "freeze": {"importance": "mean"}})
 
 
 @pytest.mark.parametrize("mode", ["cwpl", "cwpn"])
@@ -481,6 +511,31 @@ def test_summary_shows_the_frozen_rows_of_each_layer():
     assert re.search(r"\d+/\d+ rows train", qatgraph.summary(qmodel, print_table=False).render())
     unfrozen_rows = qatgraph.summary(compile_model(ConvNet()), print_table=False).rows
     assert all(row.frozen == "" for row in unfrozen_rows)
+
+
+@pytest.mark.parametrize("float_layers", ["train", "freeze"])
+def test_float_layers_train_or_freeze_and_the_summary_says_which(float_layers):
+    """With min_channels 16 the tiny ``head`` (8 outputs) stays float: LWPN 0 % freezes every
+    quantized layer; the float head's weight trains unless ``float_layers: freeze``."""
+    freeze = {"mode": "lwpn", "ratio": 0.0, "float_layers": float_layers}
+    qmodel = compile_model(ConvNet(), freeze, min_channels=16)
+    controller = qmodel.qatgraph_freeze
+    assert set(controller.float_layers) == {"head"} and "head" not in {layer.name for layer in controller.layers}
+    assert qmodel.head.weight.requires_grad == (float_layers == "train")
+    assert not any(layer.module.weight.requires_grad for layer in controller.layers)
+    rows = {row.layer: row.frozen for row in qatgraph.summary(qmodel, print_table=False).rows}
+    assert rows["head"] == ("float, weights frozen" if float_layers == "freeze"
+                            else "float, all rows train (freeze.float_layers)")
+    loss = qmodel(torch.randn(2, 16, 8, 8)).sum()
+    loss.backward()
+    assert (qmodel.head.weight.grad is not None) == (float_layers == "train")
+    controller.remove()
+    assert qmodel.head.weight.requires_grad
+
+
+def test_unknown_float_layers_choice_is_named():
+    with pytest.raises(qatgraph.PolicyError, match="freeze.float_layers"):
+        qatgraph.Policy.from_any({"preset": "tensorrt", "freeze": {"float_layers": "frozen"}})
 
 
 # ------------------------------------------------------------------- torch.compile, autocast, finetune
