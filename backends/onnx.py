@@ -138,11 +138,11 @@ def _export(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, ops
     target = target or _policy_target(qmodel)
     if target not in TARGETS:
         raise ExportError(f"unknown lint target {target!r}{did_you_mean(target, TARGETS)}; use one of {', '.join(TARGETS)}")
-    module, folded = onnx_qdq.prepare_for_export(qmodel, opset)
+    tensor = next(itertools.chain(qmodel.parameters(), qmodel.buffers()), None)
+    args = tuple(a.to(tensor.device) for a in args) if tensor is not None else args
+    module, folded = onnx_qdq.prepare_for_export(qmodel, opset, args)
     if folded:
         log.info("qatgraph export: folded %d BatchNorm layer(s) into their conv/linear", len(folded))
-    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
-    args = tuple(a.to(tensor.device) for a in args) if tensor is not None else args
     input_names = input_names or _default_input_names(qmodel, len(args))
     model, branches = _run_exporter(exporter, module, args, opset, dynamic_batch, input_names, output_names)
     _check_branches(model, branches, allow_branches)

@@ -27,6 +27,7 @@ def postprocess(model: onnx.ModelProto, dynamic_batch: bool) -> None:
     directly (lint rule), and the batch dimension is called ``batch``."""
     _tag_activation_quantizers(model)  # first: the Identity nodes still carry the deduplicated names
     _bypass_identities(model)
+    _merge_duplicate_qdq(model)
     _fold_constant_casts(model)
     _fold_weight_slices(model)
     _fold_weight_transposes(model)
@@ -85,6 +86,24 @@ def _bypass_identities(model: onnx.ModelProto) -> None:
         if node.op_type == "Identity" and node.output[0] not in graph_outputs:
             _rename_input(model, node.output[0], node.input[0])
             model.graph.node.remove(node)
+
+
+def _merge_duplicate_qdq(model: onnx.ModelProto) -> None:
+    """One Q/DQ pair per tensor: a QuantizeLinear/DequantizeLinear with the same inputs (tensor,
+    scale, zero point) and attributes as an earlier one is dropped and its readers read the
+    earlier one's output (one quantizer module called twice on one tensor, e.g. shared by the
+    module-wise layers of untraced code)."""
+    graph_outputs = {out.name for out in model.graph.output}
+    seen: dict[tuple, str] = {}
+    for node in list(model.graph.node):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.output[0] in graph_outputs:
+            continue
+        key = (node.op_type, tuple(node.input), tuple(a.SerializeToString() for a in node.attribute))
+        if key in seen:
+            _rename_input(model, node.output[0], seen[key])
+            model.graph.node.remove(node)
+        else:
+            seen[key] = node.output[0]
 
 
 def _fold_constant_casts(model: onnx.ModelProto) -> None:

@@ -35,7 +35,7 @@ from onnx import TensorProto
 from torch import nn
 
 from qatgraph.errors import ExportError, listing
-from qatgraph.graph.folding import fold_graph_batchnorm
+from qatgraph.graph.folding import fold_eager_batchnorm, fold_graph_batchnorm
 from qatgraph.quant.quantizer import (
     FakeQuantizer,
     fake_quantize_reference,
@@ -256,11 +256,16 @@ def check_calibrated(model: nn.Module) -> None:
                           "run qatgraph.calibrate first (qatgraph.calibrate(model, batches)), or disable them.")
 
 
-def prepare_for_export(qmodel: nn.Module, opset: int) -> tuple[nn.Module, list[str]]:
-    """(export module, folded BN names): a deep copy in eval mode with BN folded and quantizers swapped."""
+def prepare_for_export(qmodel: nn.Module, opset: int, args: tuple | None = None) -> tuple[nn.Module, list[str]]:
+    """(export module, folded BN names): a deep copy in eval mode with BN folded and quantizers swapped.
+
+    With the example ``args``, BNs that follow a weighted layer in untraced (eager) code are
+    folded too (:func:`~qatgraph.graph.folding.fold_eager_batchnorm`)."""
     check_calibrated(qmodel)
     model = copy.deepcopy(qmodel).eval()
     folded = fold_batchnorm(model)
+    if args is not None:
+        folded += fold_eager_batchnorm(model, args, snap_to_codes=True)
     counts = {"weights": 0, "activations": 0, "disabled": 0}
     for layer in list(model.modules()):
         quantizer = getattr(layer, "weight_quantizer", None)
@@ -276,14 +281,17 @@ def prepare_for_export(qmodel: nn.Module, opset: int) -> tuple[nn.Module, list[s
             else:
                 setattr(layer, f"{tensor}_quantizer", nn.Identity())
             counts["weights" if quantizer.is_enabled else "disabled"] += 1
+    stand_ins: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, FakeQuantizer):
                 continue
             if child.is_enabled:
                 check_activation_range(child_name, child, opset)
-            setattr(parent, child_name, QuantizeDequantize(child) if child.is_enabled else nn.Identity())
-            counts["activations" if child.is_enabled else "disabled"] += 1
+            if id(child) not in stand_ins:  # a quantizer shared by several slots stays one module
+                stand_ins[id(child)] = QuantizeDequantize(child) if child.is_enabled else nn.Identity()
+                counts["activations" if child.is_enabled else "disabled"] += 1
+            setattr(parent, child_name, stand_ins[id(child)])
     log.debug("qatgraph export: %(weights)d INT8 weights, %(activations)d activation Q/DQ, %(disabled)d disabled "
               "quantizers removed", counts)
     return model, folded

@@ -125,7 +125,8 @@ def check_parity(qmodel: nn.Module, onnx_path: str | os.PathLike, inputs: Any, *
     was_training = qmodel.training
     qmodel.eval()
     try:
-        copy = onnx_qdq.prepare_for_export(qmodel, opset)[0] if compare_activations else None
+        copy = onnx_qdq.prepare_for_export(qmodel, opset, _torch_args(batches[0], device))[0] \
+            if compare_activations else None
         probe = OrtProbe(model_proto, runner.optimization) if copy is not None else None
         if probe is not None and not probe.exposed:
             copy = probe = None  # no activation Q/DQ in the file: nothing to match

@@ -91,8 +91,15 @@ def run_capturing(module: nn.Module, args: tuple, is_quantizer: Callable[[nn.Mod
     keep_alive: list[torch.Tensor] = []  # ids of live tensors are not reused
     counter = [0]
 
+    repeats: dict[tuple[str, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
     def hook_for(name: str):
         def hook(quantizer, inputs, output):
+            earlier = repeats.get((name, id(inputs[0])))
+            if earlier is not None and earlier[0] is inputs[0] and earlier[1] == inputs[0]._version:
+                # One quantizer called again on the very same tensor (shared by module-wise layers of
+                # untraced code): the export merges the two Q/DQ pairs into one, so this is that call.
+                return earlier[2]
             scale = _broadcast_scale(quantizer, output)
             clipped, overflow = _range_use(quantizer, inputs[0].detach(), scale) if ranges else (0.0, 0.0)
             record = Call(name, counter[0], output.detach().double().cpu().numpy(), scale.cpu().numpy(),
@@ -110,6 +117,7 @@ def run_capturing(module: nn.Module, args: tuple, is_quantizer: Callable[[nn.Mod
                 flat_scale = scale.expand(output.shape).reshape(-1)[perturb[2]]
                 replacement.view(-1)[perturb[2]] += (perturb[3] * flat_scale).to(output.dtype)
             result = output if replacement is None else replacement
+            repeats[(name, id(inputs[0]))] = (inputs[0], inputs[0]._version, result)
             keep_alive.append(result)
             steps_of[id(result)] = float(quantizer.scale.detach().min())
             return replacement

@@ -1,8 +1,9 @@
 """QAT of a BERT-style encoder built from a transformers config (no download): Hugging Face
-models have no torch.fx tracer in transformers 5, so qatgraph builds the graph with
-``qatgraph.graph.frontends.export_graph`` (torch.export), then compiles, calibrates on
+models have no torch.fx tracer in transformers 5, so ``qatgraph.compile`` (``tracing.frontend:
+auto``) builds the graph with torch.export from the example inputs; then calibrates on
 ``{"input_ids", "attention_mask"}`` batches, fine-tunes a few steps, exports ONNX Q/DQ (linted)
-and checks ONNX Runtime parity.
+and checks ONNX Runtime parity. The compiled model returns what the model returns (here a
+``SequenceClassifierOutput``: ``.logits``).
 
     python examples/bert_qat.py --out /tmp/bert-qat            # hidden 256, 4 layers
     python examples/bert_qat.py --out /tmp/bert-qat --small    # hidden 64, 2 layers (what CI runs)
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import qatgraph
-from qatgraph.graph.frontends import export_graph
 
 
 def build_bert(hidden: int, layers: int, vocab: int, num_labels: int) -> torch.nn.Module:
@@ -54,9 +54,10 @@ def main() -> None:
     batches = token_batches(4 if args.small else 16, 4, seq, vocab)
     example = batches[0]
 
-    # 1. Graph via torch.export (the attention pass turns SDPA into matmul-softmax-matmul).
-    graph = export_graph(model, kwargs=example)
-    qmodel = qatgraph.compile(graph, "tensorrt", example_inputs=(example["input_ids"], example["attention_mask"]))
+    # 1. torch.fx cannot trace it, so compile exports it (the attention pass then turns SDPA into
+    #    matmul-softmax-matmul); the trace report says so.
+    qmodel = qatgraph.compile(model, "tensorrt", example_inputs=example)
+    print(qmodel.trace_report.describe().splitlines()[0])
     qatgraph.calibrate(qmodel, batches)
     summary = qatgraph.summary(qmodel, print_table=not args.small)
     print(f"{len(summary.quantized)} of {len(summary.rows)} weighted ops quantized (Linear and both attention "
@@ -68,7 +69,7 @@ def main() -> None:
     qmodel.train()
     optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3, momentum=0.9)
     for step, (batch, target) in enumerate(zip(batches, labels)):
-        loss = F.cross_entropy(qmodel(batch["input_ids"], batch["attention_mask"]), target)
+        loss = F.cross_entropy(qmodel(**batch).logits, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qatgraph.graph.annotations import op_annotation
-from qatgraph.graph.tracing import trace_model
+from qatgraph.graph.build import build_graph
+from qatgraph.graph.folding import fold_eager_batchnorm
+from qatgraph.graph.sharing import eager_residual_adds, float_run, share_input_quantizers
 from qatgraph.passes import (
     annotate,
     attention,
@@ -64,25 +66,28 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     """Return a QAT copy of ``model`` quantized by ``policy`` (the original is not modified).
 
     ``policy`` is a preset name (``"tensorrt"``, ``"onnxruntime"``), a :class:`Policy`, a dict
-    or a YAML path. ``example_inputs`` (a tensor or a tuple of forward's arguments) enables
-    shape-based decisions (tiny GEMMs, Linear-BN folding). The result trains in any PyTorch
-    loop; call :func:`qatgraph.calibrate` before training or evaluating it.
+    or a YAML path. ``example_inputs`` (a tensor, a tuple of forward's positional arguments or a
+    dict of its keyword arguments, e.g. a tokenizer's output) enables shape-based decisions
+    (tiny GEMMs, Linear-BN folding), lets ``tracing.frontend: auto`` export a model torch.fx
+    cannot trace (qatgraph/graph/build.py), and, where code stays untraced, shares quantizers of
+    one tensor. The result trains in any PyTorch loop; call :func:`qatgraph.calibrate` before
+    training or evaluating it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qatgraph.compile expects an nn.Module, got {type(model).__name__}")
     _refuse_compiled(model)
     policy = Policy.from_any(policy)
-    example_args = _as_args(example_inputs)
+    example_args, example_kwargs = _as_args(example_inputs)
     original_types = {name: type(m) for name, m in model.named_modules() if name}
     work = copy.deepcopy(model)
     was_training = work.training
-    root, report = trace_model(work, policy)
+    root, report = build_graph(work, policy, example_args, example_kwargs)
     regions = _graph_regions(root)
     if not regions and not _eager_layers(root, regions):
         raise TraceError("torch.fx could not trace any part of the model and it has no Conv/Linear layer to "
                          "quantize module-wise. " + "; ".join(u.describe() for u in report.untraced))
-    if example_args is not None:
-        _propagate_shapes(root, regions, example_args)
+    if example_args is not None or example_kwargs:
+        _propagate_shapes(root, regions, example_args or (), example_kwargs, model)
     decisions: list[LayerDecision] = []
     matmul_layers: dict[str, type] = {}
     for prefix, region in regions:
@@ -96,6 +101,16 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
                 if node.op != "call_module":  # functional ops: the type policy type rules see
                     matmul_layers[annotation.layer] = annotate.functional_type(node)
     decisions += _quantize_eager_layers(root, regions, policy, report)
+    if not report.fully_traced or report.eager_layers:  # untraced code, or leaf modules' layers
+        if example_args is not None or example_kwargs:
+            report.shared_quantizers = share_input_quantizers(root, example_args or (), example_kwargs)
+            report.eager_adds = eager_residual_adds(root, example_args or (), example_kwargs)
+            if policy.bn == "fold":  # as the fuse pass does in the graphs
+                with float_run(root):
+                    report.eager_folded = fold_eager_batchnorm(root, example_args or (), example_kwargs)
+        else:
+            report.frontend_notes.append("quantizers of untraced code not shared: without example_inputs a tensor "
+                                         "read by several module-wise layers gets one quantizer per reader")
     policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
     root.train(was_training)
     info = CompileInfo(policy=policy, trace_report=report, layers=decisions)
@@ -120,15 +135,18 @@ def _refuse_compiled(model: nn.Module) -> None:
                          "(to change its policy, compile the float model again with the new policy).")
 
 
-def _as_args(example_inputs: Any) -> tuple | None:
+def _as_args(example_inputs: Any) -> tuple[tuple | None, dict[str, Any]]:
+    """(positional arguments or None, keyword arguments) of forward."""
     if example_inputs is None:
-        return None
+        return None, {}
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return (example_inputs,), {}
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor or a tuple of forward's positional arguments, "
-                    f"not {type(example_inputs).__name__}")
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
+        return None, dict(example_inputs)
+    raise TypeError("example_inputs must be a tensor, a tuple of forward's positional arguments or a dict of its "
+                    f"keyword arguments (e.g. a tokenizer's output), not {type(example_inputs).__name__}")
 
 
 def _graph_regions(root: nn.Module) -> list[tuple[str, fx.GraphModule]]:
@@ -176,29 +194,69 @@ def _quantize_eager_layers(root: nn.Module, regions: Sequence[tuple[str, fx.Grap
     return decisions
 
 
-def _propagate_shapes(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]], example_args: tuple) -> None:
+def _propagate_shapes(root: nn.Module, regions: Sequence[tuple[str, fx.GraphModule]], example_args: tuple,
+                      example_kwargs: dict[str, Any], original: nn.Module) -> None:
     """Record tensor shapes on every node (``tensor_meta``) by running the example inputs."""
     captured: dict[str, tuple] = {}
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict, name: str) -> None:
+        if name not in captured:
+            captured[name] = _bind_placeholders(module, args, kwargs)
+
     hooks = [region.register_forward_pre_hook(
-        lambda _m, args, _name=name: captured.setdefault(_name, args)) for name, region in regions]
+        lambda m, args, kwargs, _name=name: capture(m, args, kwargs, _name), with_kwargs=True)
+        for name, region in regions]
     was_training = root.training
     root.eval()  # eval for both runs: batch-1 inputs must not trip BatchNorm, nor move its running statistics
     try:
         try:
             with torch.no_grad():
-                root(*example_args)
+                root(*example_args, **example_kwargs)
         except Exception as exc:
-            raise QatgraphError(f"running the model on example_inputs failed before quantization: {exc}. "
-                                "Pass example_inputs that the model's forward accepts (a tensor or a tuple).") from exc
+            raise _blame(exc, original, example_args, example_kwargs) from exc
         finally:
             for hook in hooks:
                 hook.remove()
         for name, region in regions:
-            if name in captured:
+            if captured.get(name) is not None:
                 with torch.no_grad():
                     _ShapeProp(region).propagate(*captured[name])
     finally:
         root.train(was_training)
+
+
+def _bind_placeholders(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """The call's arguments in placeholder order (None when keywords cannot be bound)."""
+    if not kwargs:
+        return tuple(args)
+    placeholders = [str(n.target) for n in module.graph.nodes if n.op == "placeholder"]  # type: ignore[union-attr]
+    if any(p.startswith("*") for p in placeholders):
+        return None
+    values = dict(zip(placeholders, args))
+    values.update(kwargs)
+    if set(values) - set(placeholders) or set(placeholders) - set(values):
+        return None
+    return tuple(values[p] for p in placeholders)
+
+
+def _blame(exc: Exception, original: nn.Module, args: tuple, kwargs: dict[str, Any]) -> QatgraphError:
+    """The error for a failed example run: the user's inputs if the original model fails on them
+    too, else qatgraph's traced model."""
+    was_training = original.training
+    original.eval()
+    try:
+        with torch.no_grad():
+            original(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure of the user's own model on the inputs
+        return QatgraphError(f"running the model on example_inputs failed before quantization: {exc}. Pass "
+                             "example_inputs that the model's forward accepts (a tensor, a tuple of positional "
+                             "arguments or a dict of keyword arguments).")
+    finally:
+        original.train(was_training)
+    return QatgraphError(f"the traced model fails on example_inputs where the original model runs ({type(exc).__name__}: "
+                         f"{exc}): a qatgraph tracing defect, please report it. To work around it, mark the module "
+                         "named in the traceback a leaf (policy tracing.leaf_modules) or set tracing.frontend: "
+                         "export.")
 
 
 class _ShapeProp(ShapeProp):

@@ -47,6 +47,7 @@ class Case:
     slow: bool = False
     lint_warnings: frozenset[str] = frozenset()  # lint warnings this case is known to get (see docs)
     frontend: str = "torch.fx"
+    policy: Any = "tensorrt"
 
 
 def images(shape: tuple[int, ...]) -> Callable[[int, int], tuple]:
@@ -65,7 +66,7 @@ def hf_exported(implementation: str) -> nn.Module:
     return frontends.export_graph(models_extra.hf_bert(implementation), kwargs=dict(zip(TOKEN_NAMES, tokens(2, 0))))
 
 
-DUPLICATE_QDQ = frozenset({"tensor-quantized-twice"})
+FX_ONLY = {"preset": "tensorrt", "tracing": {"frontend": "fx"}}
 CASES: dict[str, Case] = {
     "unet": Case(conv_model(models_extra.UNetLike), images((3, 32, 32))),
     "bert_like": Case(models_extra.BertLikeEncoder, tokens, tokens=True),
@@ -74,13 +75,17 @@ CASES: dict[str, Case] = {
     "swin_window": Case(models_arch.SwinLike, images((3, 32, 32))),
     "efficientnet_mbconv": Case(conv_model(models_arch.EfficientNetLike), images((3, 32, 32))),
     "yolo": Case(conv_model(models_extra.YoloLike), images((3, 64, 64)), slow=True),
+    # tracing.frontend fx: partial torch.fx tracing (auto would export it whole with torch.export).
     "yolo_input_check": Case(conv_model(models_extra.YoloWithInputCheck), images((3, 64, 64)), slow=True,
-                             lint_warnings=DUPLICATE_QDQ),
+                             policy=FX_ONLY),
     "hf_bert_eager": Case(lambda: hf_exported("eager"), tokens, tokens=True, slow=True, frontend="torch.export"),
     "hf_bert_sdpa": Case(lambda: hf_exported("sdpa"), tokens, tokens=True, slow=True, frontend="torch.export"),
     # Without the frontend: what partial torch.fx tracing reaches (for the coverage table).
     "hf_bert_sdpa_fx": Case(lambda: models_extra.hf_bert("sdpa"), tokens, tokens=True, slow=True,
-                            lint_warnings=DUPLICATE_QDQ | {"residual-skip-unquantized"}),
+                            lint_warnings=frozenset({"residual-skip-unquantized"}), policy=FX_ONLY),
+    # Plain qatgraph.compile: tracing.frontend auto falls back to torch.export.
+    "hf_bert_auto": Case(lambda: models_extra.hf_bert("sdpa"), tokens, tokens=True, slow=True,
+                         frontend="torch.export (auto)"),
 }
 
 
@@ -101,7 +106,7 @@ def run_case(name: str, directory: str) -> CaseResult:
     case = CASES[name]
     torch.manual_seed(0)
     example = case.inputs(2, 0)
-    qmodel = qatgraph.compile(case.build(), "tensorrt", example_inputs=example)
+    qmodel = qatgraph.compile(case.build(), case.policy, example_inputs=example)
     qatgraph.calibrate(qmodel, calibration_batches(case), show_progress=False)
     path = os.path.join(directory, f"{name}.onnx")
     result = export_onnx(qmodel, path, example)
@@ -304,8 +309,8 @@ def test_policy_skips_the_probability_matmul_by_name() -> None:
 
 # --------------------------------------------------------------------------- Hugging Face BERT
 def test_hf_bert_fx_partial_tracing_misses_the_attention() -> None:
-    """transformers 5 has no fx tracer: without the frontend only the sub-blocks trace."""
-    qmodel = qatgraph.compile(models_extra.hf_bert("sdpa"), "tensorrt", example_inputs=tokens(2, 0))
+    """transformers 5 has no fx tracer: without the torch.export frontend only the sub-blocks trace."""
+    qmodel = qatgraph.compile(models_extra.hf_bert("sdpa"), FX_ONLY, example_inputs=tokens(2, 0))
     report = qmodel.trace_report
     untraced = {u.type_name: u for u in report.untraced}
     assert "co_varnames is too small" in untraced["BertForSequenceClassification"].reason
@@ -416,7 +421,7 @@ def test_yolo_placement() -> None:
 
 
 def test_yolo_with_input_check_traces_backbone_neck_and_towers() -> None:
-    qmodel = compile_block(models_extra.YoloWithInputCheck(), torch.randn(2, 3, 64, 64))
+    qmodel = compile_block(models_extra.YoloWithInputCheck(), torch.randn(2, 3, 64, 64), policy=FX_ONLY)
     report = qmodel.trace_report
     assert report.traced == ["backbone", "neck", "head.box.0", "head.box.1", "head.box.2",
                              "head.cls.0", "head.cls.1", "head.cls.2"]
@@ -491,7 +496,8 @@ def coverage_row(name: str, result: CaseResult) -> dict[str, str]:
     warnings = sorted({f.rule for f in result.export.warnings})
     parity = result.parity
     return {
-        "model": name, "frontend": CASES[name].frontend,
+        "model": name, "frontend": CASES[name].frontend if CASES[name].frontend != "torch.fx" else
+                                   result.qmodel.trace_report.frontend,
         "traced": "whole" if result.qmodel.trace_report.fully_traced else
                   f"partial ({len(result.qmodel.trace_report.traced)} regions)",
         "weighted": f"{len(layers)} ({len(layers) - matmuls} conv/linear + {matmuls} matmul)",

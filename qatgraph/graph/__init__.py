@@ -2,9 +2,12 @@
 
 * :mod:`.tracing` — torch.fx tracing with the partial-tracing fallback (``TraceReport``);
 * :mod:`.frontends` — the torch.export frontend (a module-level fx graph of what fx cannot trace);
+* :mod:`.build` — which frontend builds compile's graph (``tracing.frontend: auto | fx | export``);
+* :mod:`.sharing` — one quantizer per tensor in untraced code; residual Adds it hides;
 * :mod:`.annotations` — the node metadata passes write (what gets quantized, where);
 * :mod:`.queries` — small questions about nodes (which module, weighted kind, residual chains);
-* :mod:`.folding` — BatchNorm folding into the preceding weighted layer (compile and export).
+* :mod:`.folding` — BatchNorm folding into the preceding weighted layer (compile and export;
+  in untraced code too, found on an example run).
 
 May import: :mod:`qatgraph.quant`, :mod:`qatgraph.policy`, :mod:`qatgraph.errors`. The passes
 (:mod:`qatgraph.passes`) build on this room, never the other way round.

@@ -10,6 +10,7 @@ included. Used by the fuse pass (``bn: fold``) and by exporters (``bn: train``).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -136,4 +137,96 @@ def fold_graph_batchnorm(gm: fx.GraphModule, snap_to_codes: bool = False) -> lis
         gm.graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()
+    return folded
+
+
+# ---------------------------------------------------------------------------- eager regions
+_METADATA = {"dim", "size", "numel", "ndimension", "__get__", "is_floating_point", "is_contiguous", "get_device",
+             "data_ptr", "element_size", "nelement", "stride", "is_complex", "__len__"}
+
+
+class _UseCounter(torch.overrides.TorchFunctionMode):
+    """Counts the ops that read each watched tensor (shape queries and the BN's own forward excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (producer, tensor kept alive)
+        self.uses: dict[int, int] = {}
+        self.inside_bn = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        if not self.inside_bn and getattr(func, "__name__", "") not in _METADATA:
+            for leaf in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                if isinstance(leaf, torch.Tensor) and id(leaf) in self.watched:
+                    self.uses[id(leaf)] = self.uses.get(id(leaf), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def eager_foldable_pairs(model: nn.Module, args: tuple, kwargs: dict | None = None) -> list[tuple[str, str]]:
+    """(weighted layer, BN) names where, running ``model(*args)`` in eval mode, the BN's input is
+    the output of the layer and nothing else reads that output, each called once: the BN can be
+    folded into the layer although no graph shows the pair (a module torch.fx did not trace)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    layers = [(n, m) for n, m in model.named_modules() if op_kind(m) is not None and hasattr(m, "weight")]
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, BATCHNORM_TYPES) and can_fold(m) is None]
+    if not layers or not bns:
+        return []
+    counter = _UseCounter()
+    calls: dict[str, int] = {}
+    bn_inputs: dict[str, str | None] = {}
+    dims: dict[str, int] = {}
+
+    def after_layer(module: nn.Module, _inputs: tuple, output: Any) -> None:
+        name = names[id(module)]
+        calls[name] = calls.get(name, 0) + 1
+        if isinstance(output, torch.Tensor):
+            counter.watched[id(output)] = (name, output)
+            dims[name] = output.dim()
+
+    def before_bn(module: nn.Module, inputs: tuple) -> None:
+        name = names[id(module)]
+        calls[name] = calls.get(name, 0) + 1
+        source = counter.watched.get(id(inputs[0])) if inputs and isinstance(inputs[0], torch.Tensor) else None
+        bn_inputs[name] = source[0] if source is not None and source[1] is inputs[0] else None
+        counter.inside_bn += 1
+
+    def after_bn(*_: Any) -> None:
+        counter.inside_bn -= 1
+
+    hooks = [m.register_forward_hook(after_layer) for _, m in layers]
+    hooks += [m.register_forward_pre_hook(before_bn) for _, m in bns] + [m.register_forward_hook(after_bn) for _, m in bns]
+    was_training = model.training
+    model.eval()
+    try:
+        with counter:
+            model(*args, **(kwargs or {}))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    outputs = {name: key for key, (name, _) in counter.watched.items()}
+    pairs = []
+    for bn_name, layer_name in bn_inputs.items():
+        if layer_name is None or calls.get(bn_name) != 1 or calls.get(layer_name) != 1:
+            continue
+        if counter.uses.get(outputs[layer_name], 0) != 0:  # read outside the BN: folding would change it
+            continue
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        channels = layer.weight.shape[1] * layer.groups if isinstance(layer, CONV_TRANSPOSE_TYPES) else layer.weight.shape[0]
+        if channels == bn.num_features and (op_kind(layer) != "linear" or dims.get(layer_name) == 2):
+            pairs.append((layer_name, bn_name))
+    return pairs
+
+
+def fold_eager_batchnorm(model: nn.Module, args: tuple, kwargs: dict | None = None,
+                         snap_to_codes: bool = False) -> list[str]:
+    """Fold the :func:`eager_foldable_pairs` of ``model`` and replace each BN by ``nn.Identity``;
+    returns the folded BN names."""
+    folded = []
+    for layer_name, bn_name in eager_foldable_pairs(model, args, kwargs):
+        fold_bn_into(model.get_submodule(layer_name), model.get_submodule(bn_name), snap_to_codes)
+        parent_name, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, nn.Identity())
+        folded.append(bn_name)
     return folded

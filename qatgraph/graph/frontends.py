@@ -75,6 +75,23 @@ ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
               aten.sym_constrain_range_for_size.default}
 
 
+class OutputStructure:
+    """The pytree structure of a model's outputs: rebuilds it from the flat tensors. Immutable,
+    so copies share it (``copy.deepcopy`` of a ``TreeSpec`` warns in torch 2.13)."""
+
+    def __init__(self, spec: pytree.TreeSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, flat: Any) -> Any:
+        return pytree.tree_unflatten(list(flat) if isinstance(flat, (list, tuple)) else [flat], self.spec)
+
+    def __deepcopy__(self, memo: dict) -> OutputStructure:
+        return self
+
+    def __repr__(self) -> str:
+        return f"OutputStructure({self.spec})"
+
+
 @dataclass
 class _ModuleCall:
     """Consecutive nodes exported from one call of one module."""
@@ -99,6 +116,7 @@ def export_graph(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | No
     _restore_non_persistent_buffers(gm, model)
     gm.meta["qatgraph_frontend"] = "torch.export"
     gm.meta["qatgraph_outputs"] = str(program.call_spec.out_spec)  # what the flat outputs were, for users
+    gm.meta["qatgraph_out_spec"] = OutputStructure(program.call_spec.out_spec)  # for build.restore_outputs
     modules = sum(node.op == "call_module" for node in graph.nodes)
     log.info("qatgraph.graph.frontends: exported %s with torch.export: %d module calls, %d other ops",
              type(model).__name__, modules, sum(node.op in ("call_function", "call_method") for node in graph.nodes))
@@ -169,6 +187,7 @@ def _module_level_graph(program: torch.export.ExportedProgram, model: nn.Module)
     calls = {call.nodes[-1]: call for call in _module_calls(program.graph, model, state)}
     inside = {node for call in calls.values() for node in call.nodes}
     graph, env, root = fx.Graph(), {}, {}
+    order = {node: index for index, node in enumerate(program.graph.nodes)}
     for node in program.graph.nodes:
         if node.op == "placeholder":
             env[node] = _placeholder(graph, node, state.get(node.name), program, model, root)
@@ -179,6 +198,10 @@ def _module_level_graph(program: torch.export.ExportedProgram, model: nn.Module)
         elif node.op == "output":
             outputs = [env[arg] for arg in node.args[0]]
             graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        elif node.op == "call_function" and node.target is aten.add_.Tensor and _safe_out_of_place(node, order):
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            env[node] = graph.call_function(torch.add, args, fx.node.map_arg(node.kwargs, env.__getitem__))
+            env[node].meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
         else:
             env[node] = _normalized_copy(graph, node, env)
     for node in reversed(graph.nodes):  # state only the dropped ops and module calls read
@@ -245,6 +268,19 @@ def _module_call_node(graph: fx.Graph, call: _ModuleCall, env: dict, model: nn.M
     node = graph.call_module(call.path, (activation,))
     node.meta["nn_module_stack"] = call.nodes[-1].meta.get("nn_module_stack")
     return node
+
+
+def _safe_out_of_place(node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether ``x.add_(y)`` (``out += y`` exported) can become ``torch.add(x, y)``: nothing
+    reads ``x`` after it, and ``x`` is a fresh result (not an input, state or a view of another
+    tensor), so no one can see the write. The passes then see a plain Add (residual rule)."""
+    target = node.args[0]
+    if not isinstance(target, fx.Node) or target.op != "call_function":
+        return False
+    schema = getattr(target.target, "_schema", None)
+    if schema is None or any(ret.alias_info is not None for ret in schema.returns):
+        return False
+    return all(order[user] <= order[node] for user in target.users)
 
 
 def _normalized_copy(graph: fx.Graph, node: fx.Node, env: dict) -> fx.Node:

@@ -1,9 +1,11 @@
 """Tracing with torch.fx, with partial tracing when the whole model cannot be traced.
 
-``trace_model`` first traces the root with the policy's leaf modules and ``concrete_args``. If
-that fails and ``policy.tracing.partial`` is on, it traces the largest submodules that can be
-traced (each becomes a ``GraphModule`` in place of the original child, keeping its parameter
-names) and leaves the rest eager. Every failure is recorded with the module, the source line
+:func:`trace_module` traces a module with the policy's leaf modules and ``concrete_args``. When
+the whole model cannot be traced (by torch.fx, nor by torch.export: qatgraph/graph/build.py
+decides) and ``policy.tracing.partial`` is on, :func:`trace_children` traces the largest
+submodules that can be traced (each becomes a ``GraphModule`` in place of the original child,
+keeping its parameter names; a traced ``nn.Sequential`` still indexes, iterates and has a
+``len()``) and leaves the rest eager. Every failure is recorded with the module, the source line
 torch.fx stopped at, and the fix to try, in a :class:`TraceReport`.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from qatgraph.errors import TraceError
 from qatgraph.policy import Policy
 from qatgraph.quant.qmodules import op_kind
 
@@ -50,19 +51,32 @@ class TraceReport:
     traced: list[str] = field(default_factory=list)
     untraced: list[UntracedModule] = field(default_factory=list)
     eager_layers: list[str] = field(default_factory=list)
+    frontend: str = "torch.fx"  # or "torch.export" (qatgraph/graph/build.py)
+    frontend_notes: list[str] = field(default_factory=list)  # why the frontends before it were not used
+    shared_quantizers: list[tuple[str, str]] = field(default_factory=list)  # (name, the quantizer it uses)
+    eager_adds: list[str] = field(default_factory=list)  # source lines of residual Adds in untraced code
+    eager_folded: list[str] = field(default_factory=list)  # BNs in untraced code folded at compile (bn: fold)
 
     @property
     def fully_traced(self) -> bool:
         return self.traced == [""]
 
     def describe(self) -> str:
+        notes = "".join(f"\n  {note}" for note in self.frontend_notes)
         if self.fully_traced:
-            return "traced the whole model with torch.fx"
+            return f"traced the whole model with {self.frontend}" + notes
         lines = ["partially traced: " + (", ".join(n or "<root>" for n in self.traced) or "nothing")]
         lines += ["  untraced " + u.describe() for u in self.untraced]
         if self.eager_layers:
             lines.append("  quantized module-wise (eager): " + ", ".join(self.eager_layers))
-        return "\n".join(lines)
+        if self.shared_quantizers:
+            lines.append("  one quantizer per tensor: " + ", ".join(f"{a} is {b}" for a, b in self.shared_quantizers))
+        if self.eager_folded:
+            lines.append("  BatchNorm folded in untraced code (bn: fold): " + ", ".join(self.eager_folded))
+        if self.eager_adds:
+            lines.append("  residual rule not applied to Adds in untraced code (their skip input stays in float, no "
+                         "INT8 Add fusion; make that forward traceable to get it): " + "; ".join(self.eager_adds))
+        return "\n".join(lines) + notes
 
 
 class QatTracer(fx.Tracer):
@@ -87,46 +101,121 @@ def trace_module(module: nn.Module, policy: Policy, prefix: str = "",
                  concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     tracer = QatTracer(policy.tracing.leaf_modules, prefix)
     graph = tracer.trace(module, concrete_args=concrete_args or None)
-    graph_module = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+    if isinstance(module, nn.Sequential):
+        graph_module: fx.GraphModule = SequentialGraphModule(tracer.root, graph, module.__class__.__name__)
+        graph_module.meta["qatgraph_sequence"] = list(module._modules)
+    else:
+        graph_module = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
     graph_module.meta["qatgraph_prefix"] = prefix
     return graph_module
 
 
-def trace_model(model: nn.Module, policy: Policy) -> tuple[nn.Module, TraceReport]:
-    """Trace ``model`` (already a private copy: children may be replaced in place)."""
-    report = TraceReport()
-    try:
-        graph_module = trace_module(model, policy, "", policy.tracing.concrete_args)
-        report.traced.append("")
-        return graph_module, report
-    except Exception as exc:  # torch.fx raises many types; each is reported with its source line
-        failure = describe_failure(exc, model, "")
-        if not policy.tracing.partial:
-            raise TraceError("torch.fx cannot trace the model: " + failure.describe() +
-                             " (partial tracing is off: set tracing.partial: true to quantize the traceable parts)") from None
-        report.untraced.append(failure)
-        log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
-    _trace_children(model, "", policy, report)
-    return model, report
-
-
-def _trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport) -> None:
+def trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport) -> None:
+    """Replace each traceable child of ``module`` (recursively) by its GraphModule."""
     tracer_for_leaves = QatTracer(policy.tracing.leaf_modules, prefix)
     for child_name, child in list(module.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
         if not _has_quantizable(child):
             continue
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and child_name not in policy.tracing.leaf_modules:
-            _trace_children(child, name, policy, report)  # containers have no forward of their own
+            trace_children(child, name, policy, report)  # containers have no forward of their own
             continue
         if tracer_for_leaves.is_leaf_module(child, child_name):
             continue
         try:
-            setattr(module, child_name, trace_module(child, policy, name))
-            report.traced.append(name)
+            traced = trace_module(child, policy, name)
         except Exception as exc:
             report.untraced.append(describe_failure(exc, child, name))
-            _trace_children(child, name, policy, report)
+            trace_children(child, name, policy, report)
+            continue
+        setattr(module, child_name, traced)
+        report.traced.append(name)
+
+
+class SequentialGraphModule(fx.GraphModule):
+    """The GraphModule of a traced ``nn.Sequential``: it still indexes, iterates and has a
+    ``len()`` like the container it replaces (the parent's untraced forward may do
+    ``self.body[0](x)``, ``self.body[-1].out_channels`` or ``for layer in self.body``).
+
+    Item ``i`` is the part of the graph that child ``i`` became, quantizers included (a
+    :class:`SequenceItem`, built on each access from the current graph, so it always runs
+    what the whole graph runs); chaining the items computes the whole graph. Attributes the
+    item does not have are read from the original child (``.weight``, ``.out_channels``)."""
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        names = self.meta["qatgraph_sequence"]
+        if isinstance(index, slice):
+            return nn.Sequential(*[self._item(i) for i in range(len(names))[index]])
+        if not -len(names) <= index < len(names):
+            raise IndexError(f"index {index} is out of range for a Sequential of {len(names)} modules")
+        return self._item(index % len(names))
+
+    def __len__(self) -> int:
+        return len(self.meta["qatgraph_sequence"])
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of modules
+        return iter([self._item(i) for i in range(len(self))])
+
+    def _item(self, index: int) -> nn.Module:
+        names = self.meta["qatgraph_sequence"]
+        segments = _segments(self.graph, names)
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        value = graph.placeholder("input")
+        earlier = [segment[-1] for segment in segments[:index] if segment]  # a segment BN folding emptied has none
+        previous = earlier[-1] if earlier else next(n for n in self.graph.nodes if n.op == "placeholder")
+        env[previous] = value
+        for node in segments[index]:
+            for arg in node.all_input_nodes:
+                if arg not in env and arg.op == "get_attr":
+                    env[arg] = graph.node_copy(arg)
+                elif arg not in env:
+                    raise TypeError(f"module {names[index]!r} of this traced Sequential reads a value of another "
+                                    "module; call the Sequential as a whole")
+            env[node] = graph.node_copy(node, env.__getitem__)
+        graph.output(env[segments[index][-1]] if segments[index] else value)
+        original = self.get_submodule(names[index]) if hasattr(self, names[index]) else None
+        return SequenceItem(self, graph, original, f"{type(self).__name__}_{names[index]}")
+
+
+class SequenceItem(fx.GraphModule):
+    """One item of a :class:`SequentialGraphModule` (shares its modules and parameters)."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, original: nn.Module | None, class_name: str) -> None:
+        super().__init__(root, graph, class_name)
+        object.__setattr__(self, "_qatgraph_original", original)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_qatgraph_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+
+def _segments(graph: fx.Graph, names: list[str]) -> list[list[fx.Node]]:
+    """The graph's nodes by the Sequential child they came from; a node no child owns (an
+    inserted quantizer) goes with the next child's nodes, the ones after the last child with it."""
+    position = {name: i for i, name in enumerate(names)}
+    segments: list[list[fx.Node]] = [[] for _ in names]
+    pending: list[fx.Node] = []
+    current = 0
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next((position[path.split(".")[0]] for path, _ in stack.values()
+                      if isinstance(path, str) and path.split(".")[0] in position), None)
+        if owner is None:
+            pending.append(node)
+            continue
+        current = max(current, owner)
+        segments[current] += pending + [node]
+        pending = []
+    segments[current] += pending
+    return segments
 
 
 def _has_quantizable(module: nn.Module) -> bool:

@@ -170,6 +170,7 @@ class Policy:
             raise PolicyError(f"quantize lists unknown op kinds {unknown}: valid kinds are {', '.join(OP_KINDS)}")
         self.activation.validate("activation")
         self.weight.validate("weight")
+        self.tracing.validate()
         if self.activation.per_channel:
             raise PolicyError("activation.granularity = 'per_channel': activations are quantized per tensor "
                               "(TensorRT and ONNX Runtime take per-channel scales for weights only)")

@@ -211,11 +211,25 @@ class SensitivityConfig:
 
 @dataclass
 class TracingConfig:
-    """How torch.fx traces the model."""
+    """How the model's graph is built.
+
+    ``frontend``: ``auto`` (torch.fx; when it cannot trace the whole model and ``compile`` has
+    example inputs, torch.export; partial torch.fx tracing last), ``fx`` (torch.fx, then partial
+    tracing) or ``export`` (torch.export only; needs example inputs)."""
 
     leaf_modules: list[str] = field(default_factory=list)
     concrete_args: dict[str, Any] = field(default_factory=dict)
     partial: bool = True
+    frontend: Literal["auto", "fx", "export"] = "auto"
+
+    def validate(self) -> None:
+        if self.frontend not in FRONTENDS:
+            raise PolicyError(f"tracing.frontend = {self.frontend!r}: valid values are {', '.join(FRONTENDS)} "
+                              f"(auto: torch.fx, then torch.export, then partial torch.fx tracing)"
+                              f"{did_you_mean(str(self.frontend), FRONTENDS)}")
+
+
+FRONTENDS = ("auto", "fx", "export")
 
 
 def _is_number(value: Any) -> bool:

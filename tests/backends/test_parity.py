@@ -48,8 +48,8 @@ def test_parity_fails_when_the_export_copy_is_not_the_trained_model(tmp_path, mo
     qmodel = calibrated(Classifier(), x)
     prepare = onnx_qdq.prepare_for_export
 
-    def shifted_copy(model, opset):  # an export bug: the copy's logits all move by the same amount
-        module, folded = prepare(model, opset)
+    def shifted_copy(model, opset, args=None):  # an export bug: the copy's logits all move by the same amount
+        module, folded = prepare(model, opset, args)
         with torch.no_grad():
             module.get_submodule("fc").bias.add_(0.02)
         return module, folded

@@ -1,0 +1,122 @@
+"""Untraced (eager) code after partial tracing: one quantizer per tensor, BatchNorm folded at
+export when nothing else reads the conv output, errors blamed on the right party."""
+from __future__ import annotations
+
+import collections
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import qatgraph
+from qatgraph import QatgraphError
+from qatgraph.backends.onnx import export_onnx
+from qatgraph.backends.parity import check_parity
+from qatgraph.graph.folding import eager_foldable_pairs
+
+pytestmark = pytest.mark.filterwarnings("ignore::qatgraph.QatgraphWarning", "ignore::torch.jit.TracerWarning")
+FX = {"preset": "tensorrt", "tracing": {"frontend": "fx"}}
+
+
+class EagerAttention(nn.Module):
+    """Q, K, V read the same tensor in a forward torch.fx cannot trace."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if x.shape[-1] > 0:  # torch.fx cannot trace this (tracing.frontend fx: no torch.export)
+            weights = torch.softmax(q @ k.transpose(-1, -2) / 32 ** 0.5, dim=-1)
+        return self.out(weights @ v)
+
+
+def test_qkv_in_untraced_code_share_one_input_quantizer(tmp_path) -> None:
+    x = torch.randn(2, 8, 32)
+    qmodel = qatgraph.compile(EagerAttention(), FX, example_inputs=(x,))
+    assert qmodel.q.input_quantizer is qmodel.k.input_quantizer is qmodel.v.input_quantizer
+    assert qmodel.out.input_quantizer is not qmodel.q.input_quantizer
+    assert sorted(qmodel.trace_report.shared_quantizers) == [("k.input_quantizer", "q.input_quantizer"),
+                                                             ("v.input_quantizer", "q.input_quantizer")]
+    assert "one quantizer per tensor" in qmodel.trace_report.describe()
+    assert {"q.input_quantizer.scale", "k.input_quantizer.scale"} <= set(qmodel.state_dict())
+    qatgraph.calibrate(qmodel, [torch.randn(4, 8, 32)], show_progress=False)
+    path = str(tmp_path / "m.onnx")
+    result = export_onnx(qmodel, path, x)
+    assert "tensor-quantized-twice" not in {f.rule for f in result.findings}
+    assert check_parity(qmodel, path, [torch.randn(3, 8, 32)]).passed
+
+
+class EagerConvBN(nn.Module):
+    def __init__(self, reuse: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.reuse = reuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        out = self.bn(y)
+        if x.shape[-1] > 0:  # torch.fx cannot trace this
+            out = out + y if self.reuse else out
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_eager_batchnorm_folds_only_when_the_conv_output_has_no_other_reader(reuse: bool, tmp_path) -> None:
+    model = EagerConvBN(reuse).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 16, 8, 8)
+    qmodel = qatgraph.compile(model, FX)
+    assert "conv" in qmodel.trace_report.eager_layers
+    qatgraph.calibrate(qmodel, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    assert eager_foldable_pairs(qmodel, (x,)) == ([] if reuse else [("conv", "bn")])
+    path = str(tmp_path / "m.onnx")
+    export_onnx(qmodel, path, x)
+    ops = collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+    assert ops["BatchNormalization"] == (1 if reuse else 0)
+    assert check_parity(qmodel, path, [torch.randn(3, 16, 8, 8)]).passed
+
+
+class Broken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_wrong_example_inputs_are_blamed_on_the_inputs() -> None:
+    with pytest.raises(QatgraphError, match="running the model on example_inputs failed before quantization"):
+        qatgraph.compile(Broken(), "tensorrt", example_inputs=(torch.randn(2, 3, 8, 8),))
+
+
+def test_residual_add_in_untraced_code_is_named_in_the_summary() -> None:
+    qmodel = qatgraph.compile(EagerConvBN(reuse=True).eval(), FX, example_inputs=(torch.randn(2, 16, 8, 8),))
+    [where] = qmodel.trace_report.eager_adds
+    assert where.endswith("`out = out + y if self.reuse else out`") and "test_eager_regions.py:" in where
+    qatgraph.calibrate(qmodel, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    assert "residual rule not applied to Adds in untraced code" in qatgraph.summary(qmodel, print_table=False).trace
+
+
+def test_bn_fold_policy_folds_untraced_batchnorm_at_compile(tmp_path) -> None:
+    model = EagerConvBN(reuse=False).eval()
+    x = torch.randn(2, 16, 8, 8)
+    policy = {"preset": "tensorrt", "bn": "fold", "tracing": {"frontend": "fx"}}
+    qmodel = qatgraph.compile(model, policy, example_inputs=(x,))
+    assert qmodel.trace_report.eager_folded == ["bn"] and isinstance(qmodel.bn, nn.Identity)
+    assert "BatchNorm folded in untraced code" in qmodel.trace_report.describe()
+    qatgraph.calibrate(qmodel, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    path = str(tmp_path / "m.onnx")
+    export_onnx(qmodel, path, x)
+    assert check_parity(qmodel, path, [torch.randn(3, 16, 8, 8)]).passed
+    with torch.no_grad():  # quantization aside, the folded model computes the float model
+        for quantizer in qmodel.modules():
+            if isinstance(quantizer, qatgraph.FakeQuantizer):
+                quantizer.disable()
+        torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-5)
