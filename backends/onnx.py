@@ -58,11 +58,11 @@ from qatgraph.backends.onnx_trace_checks import (
     ValueConditions,
     baked_branches_error,
     exporter_failure,
-    quiet_dynamo,
     recording_branches,
 )
 from qatgraph.distributed import run_on_main, unwrap
 from qatgraph.errors import ExportError, QatgraphError, did_you_mean, warn
+from qatgraph.graph.frontends import quiet_dynamo
 from qatgraph.quant.calibrate import check_compiled
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,12 @@ eager mode and records where a tensor's *values* decide a Python ``bool`` (``Ten
 and :func:`recording_branches` keeps only the tracer's warnings at those lines (the other warnings
 are passed on unchanged); :func:`describe_branch` names the file, line, source and module of each. The dynamo exporter
 (opset >= 18) refuses the same model with a 26-line error full of ANSI colour codes and graph
-dumps: :func:`quiet_dynamo` keeps its chatter off the terminal and :func:`exporter_failure`
+dumps: :func:`qatgraph.graph.frontends.quiet_dynamo` keeps its chatter off the terminal and :func:`exporter_failure`
 turns its exceptions into an :class:`~qatgraph.errors.ExportError` naming the line and the fix.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import linecache
 import logging
 import os
@@ -37,8 +36,6 @@ log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+)')
 _BRANCH_WARNING = "Converting a tensor to a Python boolean"
-_DYNAMO_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-                   "torch._subclasses")
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 FIX = ("Write the choice as tensor operations (torch.where(condition, a, b), masking) so that both paths are in the "
        "graph")
@@ -112,20 +109,6 @@ def recording_branches(model: nn.Module, value_lines: set[tuple[str, int]]) -> I
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
-@contextlib.contextmanager
-def quiet_dynamo() -> Iterator[io.StringIO]:
-    """Silence torch.export's log lines and graph dumps for the block; yields what was printed."""
-    printed = io.StringIO()
-    loggers = [logging.getLogger(name) for name in _DYNAMO_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
-            yield printed
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def baked_branches_error(branches: list[Branch]) -> ExportError:

@@ -21,22 +21,17 @@ and outputs that were ``None`` in the example are ``None`` always.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-import io
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.fx.graph import CodeGen
-from torch.utils import _pytree as pytree
 
 from qatgraph.errors import TraceError, UsageError
 from qatgraph.policy import Policy
 
-from .frontends import OutputStructure, export_graph
+from .frontends import OutputStructure, dynamic_shapes_per_input, export_graph, quiet_dynamo
 from .tracing import TraceReport, describe_failure, trace_children, trace_module
 
 log = logging.getLogger(__name__)
@@ -76,7 +71,7 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
                                          "tracing.frontend: export forces it")
         elif have_examples:
             try:
-                with _quiet_export():  # a failed attempt is reported in the trace report, not in torch's graph dumps
+                with quiet_dynamo():  # a failed attempt is reported in the trace report, not in torch's graph dumps
                     return _exported(model, args, kwargs, report), report
             except Exception as exc:  # any failure of the attempt: partial tracing still quantizes the model
                 message = str(exc) if isinstance(exc, TraceError) else f"{type(exc).__name__}: {exc}"
@@ -101,27 +96,6 @@ def _all_tensors(args: tuple | None, kwargs: dict[str, Any] | None) -> bool:
     return all(isinstance(value, torch.Tensor) for value in [*(args or ()), *(kwargs or {}).values()])
 
 
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """torch.export's log lines and graph dumps silenced (they go to the debug log)."""
-    printed = io.StringIO()
-    loggers = [logging.getLogger(name) for name in _TORCH_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-        if printed.getvalue():
-            log.debug("torch.export printed:\n%s", printed.getvalue())
-
-
-_TORCH_LOGGERS = ("torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-                  "torch._subclasses")
-
 
 def _exported(model: nn.Module, args: tuple | None, kwargs: dict[str, Any] | None,
               report: TraceReport) -> fx.GraphModule:
@@ -144,18 +118,7 @@ def _all_dims_dynamic(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     """``Dim.AUTO`` for every dimension of every tensor input: the graph then serves other batch
     sizes, sequence lengths and image sizes than the example's, as the model did (torch.export
     keeps a dimension static only where the model needs it)."""
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TraceError(f"the example inputs do not match {type(model).__name__}.forward: {exc}") from None
-    shapes: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        spec = pytree.tree_map(lambda leaf, arg=name: _auto_dims(leaf, arg), value)
-        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            shapes.update(spec)
-        else:
-            shapes[name] = spec
-    return shapes
+    return dynamic_shapes_per_input(model, args, kwargs, _auto_dims, "the example inputs")
 
 
 def _auto_dims(leaf: Any, name: str) -> Any:

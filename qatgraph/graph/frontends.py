@@ -33,8 +33,11 @@ to the example's unless ``dynamic_shapes`` says otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +129,29 @@ def export_graph(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | No
 
 
 # ---------------------------------------------------------------------------- torch.export
+_DYNAMO_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo",
+                   "torch.fx.experimental.symbolic_shapes", "torch._subclasses")
+
+
+@contextlib.contextmanager
+def quiet_dynamo() -> Iterator[io.StringIO]:
+    """Silence torch.export's (and the dynamo ONNX exporter's) log lines and graph dumps for the
+    block; yields what was printed, which also goes to this module's debug log."""
+    printed = io.StringIO()
+    loggers = [logging.getLogger(name) for name in _DYNAMO_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
+            yield printed
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if printed.getvalue():
+            log.debug("torch printed:\n%s", printed.getvalue())
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_batch: bool, dynamic_shapes: Any,
             strict: bool) -> torch.export.ExportedProgram:
     if dynamic_shapes is None and dynamic_batch:
@@ -149,18 +175,26 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_batch
 
 def _batch_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     batch = torch.export.Dim("batch")
+    return dynamic_shapes_per_input(model, args, kwargs, lambda leaf, name: _batch_spec(leaf, batch, name),
+                                    "export_graph: the inputs")
+
+
+def dynamic_shapes_per_input(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                             spec: Callable[[Any, str], Any], what: str = "the inputs") -> dict[str, Any]:
+    """torch.export's ``dynamic_shapes`` for ``model.forward(*args, **kwargs)``: ``spec(leaf, name)``
+    for every leaf of every argument (``name`` the parameter it came through), keyed as torch.export
+    wants (``**kwargs`` entries flattened into the top level)."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as exc:
-        raise TraceError(f"export_graph: the inputs do not match {type(model).__name__}.forward: {exc}") from None
+        raise TraceError(f"{what} do not match {type(model).__name__}.forward: {exc}") from None
     shapes: dict[str, Any] = {}
     for name, value in bound.arguments.items():
-        parameter = bound.signature.parameters[name]
-        spec = pytree.tree_map(lambda leaf, arg=name: _batch_spec(leaf, batch, arg), value)
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            shapes.update(spec)
+        leaf_spec = pytree.tree_map(lambda leaf, arg=name: spec(leaf, arg), value)
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            shapes.update(leaf_spec)
         else:
-            shapes[name] = spec
+            shapes[name] = leaf_spec
     return shapes
 
 
