@@ -96,14 +96,10 @@ class FrozenLayer:
             return trainable
         return torch.empty(0, dtype=torch.long, device=self.frozen_rows.device)
 
-    def importance(self, kind: str = "raw") -> torch.Tensor:
-        """Mean |w| per row (``raw``, the paper's score) or that divided by the layer's mean
-        (``layer_normalized``: 1.0 is an average row of its layer, comparable across layers)."""
+    def importance(self) -> torch.Tensor:
+        """Mean |w| per row (the paper's score)."""
         weight = self.module.weight.detach()
-        scores = weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float().cpu()
-        if kind == "layer_normalized":
-            scores = scores / scores.mean().clamp_min(torch.finfo(torch.float32).tiny)
-        return scores
+        return weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float().cpu()
 
     def describe(self) -> str:
         rows = self.rows
@@ -123,7 +119,7 @@ class FreezeController:
                              if isinstance(module, FLOAT_WEIGHTED) and not isinstance(module, QuantWeightMixin)
                              and isinstance(getattr(module, "weight", None), nn.Parameter)
                              and module.weight.requires_grad}
-        self.freezes_float = getattr(config, "float_layers", "train") == "freeze"
+        self.freezes_float = config.float_layers == "freeze"
         if self.freezes_float:
             for module in self.float_layers.values():
                 module.weight.requires_grad_(False)
@@ -139,11 +135,10 @@ class FreezeController:
     def refresh(self) -> None:
         """Recompute importance and the trainable rows of every layer; snapshot frozen rows."""
         mode, ratio = self.config.mode, float(self.config.ratio)
-        kind = getattr(self.config, "importance", "layer_normalized")
-        if mode == "cwpl":
-            selections = {id(layer): _top_rows(layer.importance(kind), ratio) for layer in self.layers if layer.partial_ok}
+        if mode == "cwpl":  # within a layer, normalizing by its mean would not change the order
+            selections = {id(layer): _top_rows(layer.importance(), ratio) for layer in self.layers if layer.partial_ok}
         elif mode == "cwpn":
-            selections = self._network_rows(ratio, kind)
+            selections = self._network_rows(ratio)
         else:
             selections = self._network_layers(ratio)
         for layer in self.layers:
@@ -154,11 +149,11 @@ class FreezeController:
             log.info("qatgraph EfQAT (%s, ratio %.3g): %d of %d rows train", mode, ratio, self.trainable_rows,
                      self.total_rows)
 
-    def _network_rows(self, ratio: float, kind: str) -> dict[int, torch.Tensor]:
+    def _network_rows(self, ratio: float) -> dict[int, torch.Tensor]:
         eligible = [layer for layer in self.layers if layer.partial_ok]
         if not eligible:
             return {}
-        scores = torch.cat([layer.importance(kind) for layer in eligible])
+        scores = torch.cat([_network_importance(layer, self.config.importance) for layer in eligible])
         keep = _count(ratio, scores.numel())
         chosen = torch.zeros(scores.numel(), dtype=torch.bool)
         chosen[torch.topk(scores, keep).indices] = True
@@ -291,6 +286,15 @@ class FreezeController:
 
 
 FLOAT_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _network_importance(layer: FrozenLayer, kind: str) -> torch.Tensor:
+    """Row scores comparable across layers: raw mean |w| (``raw``), or divided by the layer's mean
+    (``layer_normalized``: 1.0 is an average row of its layer)."""
+    scores = layer.importance()
+    if kind == "layer_normalized":
+        scores = scores / scores.mean().clamp_min(torch.finfo(torch.float32).tiny)
+    return scores
 
 
 def _count_rows(layer: FrozenLayer) -> int:
