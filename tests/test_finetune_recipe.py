@@ -47,7 +47,7 @@ def test_relative_quantizer_lr_moves_learnable_scales_by_a_fraction_of_themselve
     assert moved["relative"] > 0.01 > 10 * moved["absolute"]
 
 
-def test_base_weight_decay_sets_the_finetune_weight_decay(monkeypatch) -> None:
+def test_original_weight_decay_sets_the_finetune_weight_decay(monkeypatch) -> None:
     seen = []
     original = torch.optim.SGD.__init__
 
@@ -57,7 +57,7 @@ def test_base_weight_decay_sets_the_finetune_weight_decay(monkeypatch) -> None:
 
     monkeypatch.setattr(torch.optim.SGD, "__init__", recording_init)
     data = [(torch.randn(8, 8), torch.randint(0, 4, (8,)))]
-    for options in ({}, {"base_weight_decay": 5e-4}, {"base_weight_decay": 5e-4, "weight_decay_scale": 1.0}):
+    for options in ({}, {"weight_decay": 5e-4}, {"weight_decay": 5e-4, "weight_decay_scale": 1.0}):
         qatgraph.finetune(learnable_model(), data, F.cross_entropy, epochs=1, base_lr=0.1, show_progress=False,
                           **options)
     assert seen == pytest.approx([1e-6, 5e-6, 5e-4])

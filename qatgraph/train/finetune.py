@@ -9,8 +9,6 @@
   learning rate relative to each scale (LSQ-style: ``quantizer_lr_relative`` x the scale's mean
   magnitude, so a 0.004 and a 4.0 scale move by the same fraction per step), or at one absolute
   ``quantizer_lr`` when given;
-* weight decay ``weight_decay_scale`` x ``base_weight_decay`` (the original run's weight decay;
-  ``weight_decay`` when not given);
 * BatchNorm statistics frozen after ``freeze_bn_fraction`` of the steps, quantizer ranges after
   ``freeze_quantizers_fraction`` (both configurable, ``None`` never);
 * gradient clipping, AMP (bf16 or fp16 with a grad scaler) on CUDA, EfQAT refresh through the
@@ -86,11 +84,10 @@ class FinetuneConfig:
     lr_scale: float = 0.01
     final_lr_ratio: float = 0.01
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # the original run's weight decay (fine-tuning uses x weight_decay_scale)
     weight_decay_scale: float = 0.01
     quantizer_lr: float | None = None  # absolute Adam lr for every quantizer parameter; None: relative
     quantizer_lr_relative: float = 1e-2  # Adam lr of a quantizer parameter = this x its mean |value|
-    base_weight_decay: float | None = None  # the original run's weight decay (replaces weight_decay)
     warmup_fraction: float = 0.05
     freeze_bn_fraction: float | None = 0.5
     freeze_quantizers_fraction: float | None = 0.8
@@ -148,9 +145,8 @@ def finetune(qmodel: nn.Module, train_loader: Iterable[Any], loss_fn: Callable[[
     check_equal_steps(steps_per_epoch)
     total_steps = epochs * steps_per_epoch
     weights, quantizer_params = split_parameters(qmodel)
-    base_decay = config.weight_decay if config.base_weight_decay is None else config.base_weight_decay
     optimizer = torch.optim.SGD(weights, lr=base_lr * config.lr_scale, momentum=config.momentum,
-                                weight_decay=base_decay * config.weight_decay_scale)
+                                weight_decay=config.weight_decay * config.weight_decay_scale)
     scheduler = recipe(optimizer, total_steps, round(config.warmup_fraction * total_steps), config.final_lr_ratio)
     quantizer_optimizer = quantizer_adam(quantizer_params, config) if quantizer_params else None
     device = model_device(qmodel)
