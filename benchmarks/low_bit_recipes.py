@@ -39,8 +39,11 @@ IN8 = [{"name": "conv1.0", "activation": {"bits": 8, "calibrator": "percentile"}
 ALL = {"preset": "tensorrt", "min_channels": 0}
 CONFIGS: dict[str, dict] = {
     "W8A8 preset": {"preset": "tensorrt"},
-    "W4A4 all, input 4-bit, percentile": {**ALL, "weight": {"bits": 4}, "activation": {"bits": 4}},
-    "W4A4 all, input 8-bit, percentile": {**ALL, "weight": {"bits": 4}, "activation": {"bits": 4}, "overrides": IN8},
+    # the "before" rows spell out the old defaults (no 8-bit input, percentile), which the presets no longer give
+    "W4A4 all, input 4-bit, percentile": {**ALL, "weight": {"bits": 4},
+                                          "activation": {"bits": 4, "calibrator": "percentile", "input_bits": None}},
+    "W4A4 all, input 8-bit, percentile": {**ALL, "weight": {"bits": 4},
+                                          "activation": {"bits": 4, "calibrator": "percentile"}, "overrides": IN8},
     "W4A4 all, input 8-bit, mse": {**ALL, "weight": {"bits": 4}, "activation": {"bits": 4, "calibrator": "mse"},
                                    "overrides": IN8},
     "W3A8 all": {**ALL, "weight": {"bits": 3}},
