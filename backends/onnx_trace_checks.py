@@ -109,8 +109,6 @@ def recording_branches(model: nn.Module, value_lines: set[tuple[str, int]]) -> I
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
-
-
 def baked_branches_error(branches: list[Branch]) -> ExportError:
     listed = "; ".join(str(b) for b in branches[:5]) + (f"; and {len(branches) - 5} more" if len(branches) > 5 else "")
     return ExportError(

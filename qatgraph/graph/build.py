@@ -60,7 +60,8 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
     except Exception as exc:  # torch.fx raises many types; each is reported with its source line
         failure = describe_failure(exc, model, "")
     where = f" at {failure.location}" if failure.location else ""
-    report.frontend_notes.append(f"torch.fx cannot trace the whole model ({failure.type_name}){where}: {failure.reason}")
+    fx_note = f"torch.fx cannot trace the whole model ({failure.type_name}){where}: {failure.reason}"
+    report.frontend_notes.append(fx_note)
     if frontend == "auto":
         if isinstance(model, WRAPPERS):
             report.frontend_notes.append(f"torch.export not tried: {type(model).__name__} is a wrapper; partial "
@@ -85,7 +86,7 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
         raise TraceError("cannot trace the model: " + "; ".join(report.frontend_notes) +
                          " (partial tracing is off: set tracing.partial: true to quantize the traceable parts)")
     report.untraced.append(failure)  # the trace report lists it with the fix: no need to repeat it as a note
-    report.frontend_notes = [n for n in report.frontend_notes if not n.startswith("torch.fx cannot trace the whole")]
+    report.frontend_notes.remove(fx_note)
     log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
     trace_children(model, "", policy, report)
     return model, report
