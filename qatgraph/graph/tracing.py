@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,15 +133,20 @@ def trace_children(module: nn.Module, prefix: str, policy: Policy, report: Trace
         report.traced.append(name)
 
 
+_SEQUENCE_ITEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class SequentialGraphModule(fx.GraphModule):
     """The GraphModule of a traced ``nn.Sequential``: it still indexes, iterates and has a
     ``len()`` like the container it replaces (the parent's untraced forward may do
     ``self.body[0](x)``, ``self.body[-1].out_channels`` or ``for layer in self.body``).
 
     Item ``i`` is the part of the graph that child ``i`` became, quantizers included (a
-    :class:`SequenceItem`, built on each access from the current graph, so it always runs
-    what the whole graph runs); chaining the items computes the whole graph. Attributes the
-    item does not have are read from the original child (``.weight``, ``.out_channels``)."""
+    :class:`SequenceItem` built from the current graph, so it always runs what the whole graph
+    runs); chaining the items computes the whole graph. Attributes the item does not have are
+    read from the original child (``.weight``, ``.out_channels``). The items are built once and
+    reused (an untraced forward may index or iterate the container every step) until the graph
+    is recompiled or a parameter or buffer is replaced (``.to()``, ``load_state_dict(assign=True)``)."""
 
     def __getitem__(self, index: int | slice) -> nn.Module:
         names = self.meta["qatgraph_sequence"]
@@ -154,11 +160,22 @@ class SequentialGraphModule(fx.GraphModule):
         return len(self.meta["qatgraph_sequence"])
 
     def __iter__(self):  # noqa: ANN204 - an iterator of modules
-        return iter([self._item(i) for i in range(len(self))])
+        return iter(self._items())
 
     def _item(self, index: int) -> nn.Module:
+        return self._items()[index]
+
+    def _items(self) -> list[nn.Module]:
+        key = (self.code, *(id(t) for t in self.parameters()), *(id(t) for t in self.buffers()))
+        cache = _SEQUENCE_ITEMS.get(self)  # outside the module: not copied, pickled or saved with it
+        if cache is None or cache[0] != key:
+            segments = _segments(self.graph, self.meta["qatgraph_sequence"])
+            cache = (key, [self._build_item(i, segments) for i in range(len(segments))])
+            _SEQUENCE_ITEMS[self] = cache
+        return cache[1]
+
+    def _build_item(self, index: int, segments: list[list[fx.Node]]) -> nn.Module:
         names = self.meta["qatgraph_sequence"]
-        segments = _segments(self.graph, names)
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         value = graph.placeholder("input")
