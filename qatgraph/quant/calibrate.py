@@ -82,9 +82,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     check_compiled(model, "qatgraph.calibrate")
     quantizers = [(n, q) for n, q in iter_quantizers(model) if q.is_enabled]
     activations = [(n, q) for n, q in quantizers if not q.is_weight]
-    for _, quantizer in quantizers:
+    for name, quantizer in quantizers:
         if quantizer.is_weight:
-            _recalibrate_weight(model, quantizer)
+            _recalibrate_weight(model, name, quantizer)
     if not activations:
         log.warning("qatgraph.calibrate: the model has no enabled activation quantizer; nothing to calibrate")
         return {}
@@ -185,17 +185,16 @@ def run_checked(model: nn.Module, batch: Any, device: torch.device | None, index
                                "dtype the model was compiled for (its example_inputs).") from exc
 
 
-def _recalibrate_weight(model: nn.Module, quantizer: FakeQuantizer) -> None:
-    """From the weight the quantizer sits next to: ``weight`` for ``weight_quantizer``, ``<name>``
-    for ``<name>_quantizer`` (functional ops on a parameter, passes/materialize.py)."""
-    for module in model.modules():
-        for child_name, child in module.named_children():
-            if child is not quantizer or not child_name.endswith("_quantizer"):
-                continue
-            tensor = getattr(module, child_name[:-len("_quantizer")], None)
-            if isinstance(tensor, torch.Tensor):
-                quantizer.calibrate_from(tensor.detach())
-                return
+def _recalibrate_weight(model: nn.Module, name: str, quantizer: FakeQuantizer) -> None:
+    """From the weight the quantizer (qualified ``name``) sits next to: ``weight`` for
+    ``weight_quantizer``, ``<tensor>`` for ``<tensor>_quantizer`` (functional ops on a parameter,
+    passes/materialize.py)."""
+    owner, _, child_name = name.rpartition(".")
+    if not child_name.endswith("_quantizer"):
+        return
+    tensor = getattr(model.get_submodule(owner), child_name.removesuffix("_quantizer"), None)
+    if isinstance(tensor, torch.Tensor):
+        quantizer.calibrate_from(tensor.detach())
 
 
 def _length(batches: Iterable[Any]) -> int | None:
