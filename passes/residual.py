@@ -68,11 +68,6 @@ def _quantized_chain(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return source if annotation is not None and annotation.quantized and annotation.kind != "matmul" else None
 
 
-def _is_quantized_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    annotation = op_annotation(node)
-    return annotation is not None and annotation.quantized and annotation.kind != "matmul"
-
-
 def _branches(gm: fx.GraphModule, add: fx.Node, inputs: tuple) -> list[fx.Node | None] | None:
     """[main layer or None, ...] per input from the inputs' ancestors, or None (not a residual)."""
     ancestors = [_ancestors(arg) for arg in inputs]
