@@ -107,7 +107,7 @@ def run(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
         for index in args:
             source = node.args[index]
             spec = resolved.input_activation if getattr(source, "op", None) == "placeholder" else resolved.activation
-            quantize_edge(source, node, index, spec or resolved.activation, f"input of {kind} {layer}")
+            quantize_edge(source, node, index, spec, f"input of {kind} {layer}")
     _group_concat_scales(gm)
     return gm
 

@@ -232,9 +232,9 @@ class ResolvedLayer:
 
     weight: QuantSpec
     activation: QuantSpec
+    input_activation: QuantSpec
     skip_rule: str | None
     applied_rules: list[str]
-    input_activation: QuantSpec | None = None
 
 
 _POLICY_KEYS = _field_names(Policy)
