@@ -172,3 +172,18 @@ def test_mode_flags_of_submodules_survive_tracing() -> None:
     flags = [m.training for m in model.modules()]
     trace_module(model, Policy.from_any("tensorrt"))
     assert [m.training for m in model.modules()] == flags
+
+
+def test_model_written_with_string_annotations_pickles() -> None:
+    """This file has ``from __future__ import annotations``: forward's annotations are strings."""
+    import io
+
+    x = torch.randn(4, 16)
+    qmodel = compiled(DropoutHead(), True, x).eval()
+    buffer = io.BytesIO()
+    torch.save(qmodel, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+    assert isinstance(loaded.get_submodule("dropout_mode"), TrainingFlagCall)

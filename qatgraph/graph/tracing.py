@@ -96,7 +96,7 @@ class QatTracer(fx.Tracer):
     """torch.fx tracer whose leaf modules also include the policy's ``tracing.leaf_modules``
     (class names, dotted class paths or qualified module names)."""
 
-    def __init__(self, leaf_modules: list[str], prefix: str = "",
+    def __init__(self, leaf_modules: list[str] | tuple[str, ...] = (), prefix: str = "",
                  mode_leaves: dict[int, bool] | None = None) -> None:
         super().__init__()
         self.extra_leaves = set(leaf_modules)
@@ -134,6 +134,7 @@ def trace_module(module: nn.Module, policy: Policy, prefix: str = "",
     else:
         graph_module = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
     graph_module.meta["qatgraph_prefix"] = prefix
+    _drop_string_annotations(graph_module)
     fixed = follow_training_flags(graph_module, other, module.training)
     if fixed and report is not None:
         mode = "training" if module.training else "eval"
@@ -141,6 +142,18 @@ def trace_module(module: nn.Module, policy: Policy, prefix: str = "",
                               for name in fixed]
         report.mode_note = f"traced in {mode} mode"
     return graph_module
+
+
+def _drop_string_annotations(graph_module: fx.GraphModule) -> None:
+    """Annotations written under ``from __future__ import annotations`` are strings; torch.fx
+    would put them in the generated code's globals, where pickling the module
+    (``torch.save(qmodel)``, multiprocessing) fails. They only annotate the generated ``forward``."""
+    changed = False
+    for node in graph_module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type, changed = None, True
+    if changed:
+        graph_module.recompile()
 
 
 def trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport) -> None:
