@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from qatgraph.graph.annotations import op_annotation
 from qatgraph.graph.build import build_graph
 from qatgraph.graph.folding import fold_eager_batchnorm
+from qatgraph.graph.reload import mark_compiled
 from qatgraph.graph.sharing import eager_residual_adds, float_run, share_input_quantizers
 from qatgraph.passes import (
     annotate,
@@ -114,6 +115,7 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
     root.train(was_training)
     info = CompileInfo(policy=policy, trace_report=report, layers=decisions)
+    mark_compiled(root)  # torch.load of a pickled whole model refuses, in words
     keep_state_on_deepcopy(root)
     install_state_checks(root)
     root.qatgraph_info = info

@@ -5,6 +5,7 @@
 * :mod:`.modes` — ``train()``/``eval()`` kept meaningful in a traced graph (leaf modules,
   :class:`~.mode_call.TrainingFlagCall`, modules that keep the mode of compile);
 * :mod:`.build` — which frontend builds compile's graph (``tracing.frontend: auto | fx | export``);
+* :mod:`.reload` — ``torch.load`` of a whole pickled compiled model refuses, saying how to persist it;
 * :mod:`.sharing` — one quantizer per tensor in untraced code; residual Adds it hides;
 * :mod:`.annotations` — the node metadata passes write (what gets quantized, where);
 * :mod:`.queries` — small questions about nodes (which module, weighted kind, residual chains);
