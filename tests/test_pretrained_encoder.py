@@ -44,3 +44,8 @@ def test_ort_parity_teacher_forced_runs_without_edits(encoder, tmp_path):
     assert report.forced_relative_error <= 1e-5, report
     assert report.root_flip_margin is None or report.root_flip_margin <= 1e-3, report
     assert report.passed, report
+    if not report.strict_passed:
+        # The root flips are replayed one at a time in the trained model alone: one of them (measured:
+        # a layer-3 V projection integer, 1.8e-6 step from a tie) carries the whole free-running gap.
+        assert report.amplification is not None, report
+        assert report.amplification.output_relative >= 0.5 * report.relative_error, report
