@@ -196,3 +196,28 @@ def test_the_replay_reports_the_root_flip_that_moves_the_output_most():
     found = parity._replay(qmodel, evidence, 0)
     assert found.replayed == 2 and found.output_relative == max(s.output_relative for s in singles) > 0
     assert singles[0].output_relative < found.output_relative, "the flips no longer tell first from worst"
+
+
+def test_the_free_running_output_comes_from_the_session_as_given(tmp_path):
+    """The activation probe exposes every Q/DQ output, which keeps ONNX Runtime from fusing them into
+    integer kernels; the free-running difference must be the given session's (vit_sdpa: 1e-2 as
+    given, 2e-7 on the probe), while the teacher-forced comparison stays on the probe."""
+    from qatgraph.backends.onnx_graph import load_onnx
+    from qatgraph.backends.onnxruntime import OrtRunner
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8)
+    qmodel = calibrated(Classifier(), x)
+    path = qatgraph.export_onnx(qmodel, tmp_path / "m.onnx", x).path
+    session = OrtRunner(load_onnx(path), quantize_bias=False)
+
+    class Shifted:  # a session whose output is off by 0.5
+        optimization = session.optimization
+
+        def __call__(self, *batch):
+            outputs = session(*batch)
+            return [outputs[0] + 0.5, *outputs[1:]]
+
+    report = qatgraph.check_parity(qmodel, path, x, runner=Shifted())
+    assert report.max_abs_diff == pytest.approx(0.5, abs=1e-3)
+    assert report.forced_relative_error is not None and report.forced_relative_error < 1e-5
