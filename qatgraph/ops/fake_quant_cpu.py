@@ -18,7 +18,8 @@ of one parity check: BENCHMARKS.md, "Transformer PTQ"). The forms:
   ``where`` backward (5.9 ms and 5.4 ms on that activation).
 
 Deviation from ATen kept on purpose in both: a NaN input stays NaN (ATen outputs ``qmin``), with
-gradient 0. The kernel runs only for eager float32 on the CPU (CUDA keeps ATen's fused kernel).
+gradient 0. The kernel runs only for eager float32 on the CPU (CUDA has its own fused kernels,
+:mod:`qatgraph.ops.fake_quant_cuda`).
 The torch-op form is also the "mask" form of compiled graphs (``qatgraph.quant.quantizer``), on any
 device: Dynamo traces this autograd function, forward and backward, and Inductor fuses it.
 """
