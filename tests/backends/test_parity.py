@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import models
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -221,3 +222,19 @@ def test_the_free_running_output_comes_from_the_session_as_given(tmp_path):
     report = qatgraph.check_parity(qmodel, path, x, runner=Shifted())
     assert report.max_abs_diff == pytest.approx(0.5, abs=1e-3)
     assert report.forced_relative_error is not None and report.forced_relative_error < 1e-5
+
+
+def test_a_top1_flip_between_the_two_ort_sessions_is_a_tie_of_the_runtime():
+    """The session as given (integer kernels) flips a row the probe session, whose integers feed the
+    teacher-forced run, does not: ONNX Runtime itself is at a tie there. A flip both sessions make
+    still has to be explained by the forced run."""
+    from qatgraph.backends import parity
+    from qatgraph.backends.parity_report import Tolerances
+
+    trained = np.array([[1.0, 0.9, 0.0]])
+    session = np.array([[0.9, 1.0, 0.0]])
+    forced = trained.copy()  # fed ORT's (probe) integers, PyTorch still ranks class 0 first
+    for probe, unexplained in ((trained, 0), (session, 1)):
+        evidence = parity._Evidence(step=None, max_ref=1.0)
+        parity._top1(evidence, trained, session, forced, Tolerances(1.0, 1e-4, 1e-3), probe)
+        assert (evidence.top1_flips, evidence.top1_unexplained) == (1, unexplained)
