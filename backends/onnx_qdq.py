@@ -55,13 +55,10 @@ INT4_MIN_OPSET = 21  # first opset whose QuantizeLinear/DequantizeLinear accept 
 @torch.library.custom_op("qatgraph_onnx::quantize_dequantize", mutates_args=())
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
                         qmin: int, qmax: int) -> torch.Tensor:
-    """Fake-quantize ``x`` (ONNX: QuantizeLinear -> DequantizeLinear), with the kernels FakeQuantizer uses."""
+    """Fake-quantize ``x`` (ONNX: QuantizeLinear -> DequantizeLinear): ``round(x / scale)``, the
+    rounding of QuantizeLinear and of FakeQuantizer (not ATen's ``x * (1 / scale)``)."""
     zero_point = zero_point.to(torch.int32)
-    if x.dtype != torch.float32:
-        return fake_quantize_reference(x, scale, zero_point, qmin, qmax, axis if axis >= 0 else None)
-    if axis < 0:
-        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point, qmin, qmax)
-    return torch.fake_quantize_per_channel_affine(x, scale.float(), zero_point, axis, qmin, qmax)
+    return fake_quantize_reference(x, scale.float(), zero_point, qmin, qmax, axis if axis >= 0 else None)
 
 
 @quantize_dequantize.register_fake

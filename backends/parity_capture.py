@@ -198,6 +198,9 @@ def by_name(activations: list[tuple[str | None, np.ndarray]], reference: Capture
 
 
 # ---------------------------------------------------------------------------- comparisons
+REPLAYS = 16  # root flips of one batch kept for the replay (each replay is one forward of the model)
+
+
 @dataclass
 class Differences:
     """Integer differences between two sides' activations (free-running) and the root flips of a
@@ -211,6 +214,7 @@ class Differences:
     root_flip_margin: float = 0.0              # the largest distance from a rounding tie among root flips
     first_far_flip: str | None = None          # the first quantizer with a root flip far from any tie
     first_flip: tuple[str, int, int, float] | None = None  # (name, call, flat index, +-1 step): where it began
+    flips: list = field(default_factory=list)  # the root flips of one batch, as first_flip, up to REPLAYS
     forced_max_diff: float = 0.0               # |forced output - the other side's output|
     free_max_diff: float = 0.0                 # |export copy - this side| free-running, output
     matched: set = field(default_factory=set)
@@ -256,6 +260,8 @@ def compare_forced(found: Differences, forced_calls: Captures, other: dict[str, 
         found.root_flip_margin = max(found.root_flip_margin, float(distance.max()))
         if found.first_far_flip is None and float(distance.max()) > tie_tolerance:
             found.first_far_flip = call.name
+        for flat in np.flatnonzero(flipped.reshape(-1))[: max(REPLAYS - len(found.flips), 0)]:
+            found.flips.append((call.name, index, int(flat), float(np.sign(difference.reshape(-1)[flat]))))
         if found.first_flip is None:
             flat = int(np.flatnonzero(flipped.reshape(-1))[0])
             found.first_flip = (call.name, index, flat, float(np.sign(difference.reshape(-1)[flat])))
@@ -269,6 +275,7 @@ class Amplification:
     max_steps: int       # the largest integer change it causes in any later activation
     output_relative: float
     worst: str | None    # the activation where that largest change happens
+    replayed: int = 1    # how many root flips were replayed, one at a time; this one moved the output most
 
 
 def amplification(qmodel: nn.Module, args: tuple, flip: tuple[str, int, int, float], output_index: int,

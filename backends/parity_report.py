@@ -55,7 +55,8 @@ class ParityReport:
     a rounding tie, in steps). Export link, trained model vs its export copy in PyTorch:
     ``export_copy_relative_error`` (free-running), ``export_copy_forced_relative_error``,
     ``export_copy_root_flips``, ``export_copy_root_flip_margin``, ``export_copy_first_difference``.
-    ``amplification``: the first root flip replayed in the trained model alone; ``saturation``:
+    ``amplification``: the root flip (of the worst batch's, up to 16, each replayed alone in the
+    trained model) that moves the output most; ``saturation``:
     its most clipped activation; ``baked_branches``: data-dependent branches the export kept one
     side of; ``reasons``: why it failed; ``explanation``: what the free-running difference is.
 
@@ -212,7 +213,9 @@ def _explanation(report: ParityReport) -> str:
             "(float summation order), carried forward by the model")
     amplified = report.amplification
     if amplified is not None:
-        text += (f": replayed in the trained model alone, one step at {amplified.quantizer} moves later integers by "
+        which = (f"of the {amplified.replayed} root flips replayed one at a time, the one at {amplified.quantizer}"
+                 if amplified.replayed > 1 else f"one step at {amplified.quantizer}")
+        text += (f": replayed in the trained model alone, {which} moves later integers by "
                  f"up to {plural(amplified.max_steps, 'step')}"
                  + (f" (in {amplified.worst})" if amplified.worst else "")
                  + f" and the output by {amplified.output_relative:.3g} relative")

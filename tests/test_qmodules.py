@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx_rounding import quantize_linear
 from torch import nn
 
 from qatgraph import Policy, QuantSpec
@@ -57,8 +58,7 @@ def reference_weight(weight: torch.Tensor, axis: int) -> torch.Tensor:
     """Per-channel INT8 narrow-range fake-quant with scale = amax / 127 along ``axis``."""
     channels = weight.shape[axis]
     amax = weight.detach().abs().transpose(0, axis).reshape(channels, -1).amax(dim=1)
-    return torch.fake_quantize_per_channel_affine(weight.detach(), amax / 127, torch.zeros(channels, dtype=torch.int32),
-                                                  axis, -127, 127)
+    return quantize_linear(weight.detach(), amax / 127, torch.zeros(channels), -127, 127, axis)[0]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -124,7 +124,7 @@ def test_input_quantizer_for_module_wise_quantization() -> None:
     assert "input_quantizer.scale" in module.state_dict()
     x = torch.randn(3, 8)
     quantizer.set_range(torch.tensor(-1.0), torch.tensor(1.0))
-    expected_input = torch.fake_quantize_per_tensor_affine(x, 1.0 / 127, 0, -128, 127)
+    expected_input = quantize_linear(x, torch.tensor(1.0 / 127), torch.tensor(0), -128, 127)[0]
     assert torch.equal(module.eval()(x), F.linear(expected_input, reference_weight(module.weight, 0), module.bias))
 
 

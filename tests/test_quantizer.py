@@ -4,7 +4,9 @@ Checks the numbers against hand-written references: per-tensor and per-channel f
 ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` with round-half-to-even; the
 straight-through estimator passes gradient 1 inside the range and 0 outside (on the ATen path,
 the bf16 path and the learnable path); ``fake_quantize_reference`` and ``fake_quantize_cpu`` (its C++
-kernel and its torch-op form) equal the ATen kernels bit for bit on random data and on near-tie inputs, gradients included; learnable scales get LSQ's gradient;
+kernel and its torch-op form) round as ONNX QuantizeLinear (``round(x / s)``, checked against ONNX
+Runtime; ATen's ``x * (1 / s)`` differs near ties) bit for bit on random data and on near-tie inputs,
+with ATen's straight-through mask; learnable scales get LSQ's gradient;
 ``scale_zero_point``/``set_range`` for symmetric and asymmetric specs, all-zero tensors
 included. Also the quantizer's states and errors: NotCalibratedError before calibration,
 CalibrationError on NaN/Inf naming the quantizer, enable/disable, a ``state_dict`` round trip,
@@ -17,6 +19,7 @@ import math
 import models
 import pytest
 import torch
+from onnx_rounding import quantize_linear
 
 import qatgraph
 from qatgraph import (
@@ -145,7 +148,7 @@ def test_learnable_scale_gets_lsq_gradient_per_channel() -> None:
     assert quantizer.tracks_weight_max is False  # a learnable scale is trained, not overwritten
 
 
-# --------------------------------------------------------------------------- reference vs ATen
+# --------------------------------------------------------------------------- rounding: ONNX's, not ATen's
 def _random_and_near_ties(scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None,
                           generator: torch.Generator) -> torch.Tensor:
     """Random values plus values one ulp around x.5 code boundaries, where the rounding of
@@ -162,13 +165,7 @@ def _random_and_near_ties(scale: torch.Tensor, zero_point: torch.Tensor, axis: i
     return torch.cat([random, ties, up, down])
 
 
-@pytest.mark.parametrize("implementation", ["reference", "cpu", "cpu_torch_ops"])
-@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
-@pytest.mark.parametrize("axis", [None, 1], ids=["per_tensor", "per_channel"])
-def test_implementations_equal_aten_bit_for_bit(implementation: str, symmetric: bool, axis: int | None) -> None:
-    """fake_quantize_reference (compiled graphs) and fake_quantize_cpu (eager CPU) against the ATen
-    kernels: the same output bits and the same straight-through gradient, near ties included."""
-    generator = torch.Generator().manual_seed(3)
+def _qparams(symmetric: bool, axis: int | None, generator: torch.Generator):
     qmin, qmax = (-128, 127) if symmetric else (0, 255)
     if axis is None:
         scale = torch.tensor(0.0123)
@@ -177,25 +174,65 @@ def test_implementations_equal_aten_bit_for_bit(implementation: str, symmetric: 
         scale = torch.rand(16, generator=generator) * 0.05 + 0.005
         zero_point = (torch.zeros(16, dtype=torch.int32) if symmetric
                       else torch.randint(0, 256, (16,), generator=generator, dtype=torch.int32))
+    return scale, zero_point, qmin, qmax
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+@pytest.mark.parametrize("axis", [None, 1], ids=["per_tensor", "per_channel"])
+def test_the_oracle_is_onnx_runtimes_quantize_linear(symmetric: bool, axis: int | None) -> None:
+    """tests/onnx_rounding.py against ONNX Runtime's QuantizeLinear -> DequantizeLinear, bit for bit
+    on the near-tie data below, where ATen's kernels (x * (1 / s)) give other integers."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    generator = torch.Generator().manual_seed(3)
+    scale, zero_point, qmin, qmax = _qparams(symmetric, axis, generator)
     x = _random_and_near_ties(scale, zero_point, axis, generator)
-    x_aten, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    attributes = {"axis": axis} if axis is not None else {}
+    zero = numpy_helper.from_array(zero_point.numpy().astype("int8" if qmin < 0 else "uint8"), "zero_point")
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "scale", "zero_point"], ["q"], **attributes),
+         helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"], **attributes)],
+        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+        [numpy_helper.from_array(scale.numpy(), "scale"), zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runtime = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    expected, _ = quantize_linear(x, scale, zero_point, qmin, qmax, axis)
+    assert torch.equal(runtime, expected)
     if axis is None:
-        aten = torch.fake_quantize_per_tensor_affine(x_aten, scale, zero_point, qmin, qmax)
+        aten = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
     else:
-        aten = torch.fake_quantize_per_channel_affine(x_aten, scale, zero_point, axis, qmin, qmax)
+        aten = torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+    assert (aten != runtime).sum() > 0, "the near-tie data no longer tell the two roundings apart"
+
+
+@pytest.mark.parametrize("implementation", ["reference", "cpu", "cpu_torch_ops"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+@pytest.mark.parametrize("axis", [None, 1], ids=["per_tensor", "per_channel"])
+def test_implementations_round_as_onnx_bit_for_bit(implementation: str, symmetric: bool, axis: int | None) -> None:
+    """fake_quantize_reference (compiled graphs) and fake_quantize_cpu (eager CPU) against ONNX
+    QuantizeLinear's rounding: the same output bits and ATen's straight-through gradient (1 where
+    the rounded value lies in the range), near ties included."""
+    generator = torch.Generator().manual_seed(3)
+    scale, zero_point, qmin, qmax = _qparams(symmetric, axis, generator)
+    x = _random_and_near_ties(scale, zero_point, axis, generator)
+    x_ours = x.clone().requires_grad_(True)
+    expected, mask = quantize_linear(x, scale, zero_point, qmin, qmax, axis)
     if implementation == "reference":
         ours = fake_quantize_reference(x_ours, scale, zero_point, qmin, qmax, axis)
     else:  # "cpu" takes the C++ kernel per tensor when it builds here (tests/test_fake_quant_cpu.py checks it does)
         ours = fake_quantize_cpu(x_ours, scale, zero_point, qmin, qmax, axis, use_kernel=implementation == "cpu")
-    mismatches = (aten != ours).sum().item()
+    mismatches = (expected != ours).sum().item()
     assert mismatches == 0, f"{mismatches} of {x.numel()} values differ (by a whole quantization step)"
     grad = torch.randn(x.shape, generator=generator)
-    aten.backward(grad)
     ours.backward(grad)
-    if implementation == "reference":  # d(x * (1/s) * s)/dx is 1 only to float rounding
-        differ = ~torch.isclose(x_ours.grad, x_aten.grad, rtol=1e-6, atol=0.0)
+    wanted = grad * mask
+    if implementation == "reference":  # d(x / s * s)/dx is 1 only to float rounding
+        differ = ~torch.isclose(x_ours.grad, wanted, rtol=1e-6, atol=0.0)
     else:
-        differ = x_aten.grad != x_ours.grad
+        differ = wanted != x_ours.grad
     if implementation == "reference":
         # The compiled form clips with minimum/maximum (what Inductor fuses cheaply), whose gradient
         # splits exact ties: an input exactly on one of its two bounds -- one float next to the
@@ -203,7 +240,7 @@ def test_implementations_equal_aten_bit_for_bit(implementation: str, symmetric: 
         view = [1] * x.dim()
         if axis is not None:
             view[axis] = -1
-        codes = x * (1.0 / scale.reshape(view))
+        codes = x / scale.reshape(view)
         half_way = (codes - codes.floor() - 0.5).abs() < 1e-4
         torch.testing.assert_close(x_ours.grad[differ], 0.5 * grad[differ], rtol=1e-6, atol=0.0)
         assert bool(half_way[differ].all())

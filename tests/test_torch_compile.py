@@ -27,6 +27,7 @@ import copy
 import models
 import pytest
 import torch
+from onnx_rounding import quantize_linear
 from torch import nn
 
 import qatgraph
@@ -165,8 +166,9 @@ def test_compiled_quantizer_gradient_equals_eager_at_range_edges(per_channel: bo
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
-def test_compiled_mask_form_equals_aten_bit_for_bit(symmetric: bool) -> None:
-    """The "mask" form under torch.compile: ATen's output bits and ATen's gradient at every input,
+def test_compiled_mask_form_rounds_as_onnx_bit_for_bit(symmetric: bool) -> None:
+    """The "mask" form under torch.compile: ONNX QuantizeLinear's output bits (tests/onnx_rounding.py)
+    and ATen's straight-through gradient at every input,
     exact half-way ties and the one-float neighbours of the widened bounds included (where the
     "clip" form splits the gradient)."""
     generator = torch.Generator().manual_seed(5)
@@ -179,14 +181,13 @@ def test_compiled_mask_form_equals_aten_bit_for_bit(symmetric: bool) -> None:
     codes = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1),
                        torch.tensor([low - 0.5, high + 0.5]), torch.randn(500, generator=generator) * 100])
     x = codes * scale
-    x_aten, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    expected = torch.fake_quantize_per_tensor_affine(x_aten, scale, zero_point, spec.qmin, spec.qmax)
+    x_ours = x.clone().requires_grad_(True)
+    expected, mask = quantize_linear(x, scale, zero_point, spec.qmin, spec.qmax)
     actual = torch.compile(quantizer, backend="aot_eager", fullgraph=True)(x_ours)
     assert torch.equal(actual, expected)
     grad = torch.randn(x.shape, generator=generator)
-    expected.backward(grad)
     actual.backward(grad)
-    assert torch.equal(x_ours.grad, x_aten.grad)
+    assert torch.equal(x_ours.grad, grad * mask)
 
 
 def test_compiled_mask_form_keeps_low_precision_dtype() -> None:

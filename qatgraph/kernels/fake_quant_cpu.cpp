@@ -1,11 +1,12 @@
 // Per-tensor fake-quantization for float32 CPU tensors in one pass forward and one pass backward.
 //
 // Built on first use by qatgraph/kernels/fake_quant_cpu_ext.py (torch.utils.cpp_extension) and
-// called from qatgraph/ops/fake_quant_cpu.py. Same arithmetic as ATen's fake_quantize_per_tensor_affine:
-// q = nearbyint(x * inv_scale) (round half to even, inv_scale = 1 / scale in float32), clamped to
+// called from qatgraph/ops/fake_quant_cpu.py. ONNX QuantizeLinear's arithmetic (what ONNX Runtime
+// computes): q = nearbyint(x / scale) (an IEEE float32 division, round half to even), clamped to
 // [qmin - zero_point, qmax - zero_point], times scale; the straight-through mask is 1 where the
-// clamp left q unchanged. Deviation kept on purpose: NaN propagates (ATen maps it to qmin) and
-// gets mask 0, as in qatgraph's torch-op form.
+// clamp left q unchanged. ATen's fake_quantize_per_tensor_affine multiplies by 1 / scale instead,
+// which lands on the other side of a tie for values within an ulp of it. Deviation kept on purpose:
+// NaN propagates (ATen maps it to qmin) and gets mask 0, as in qatgraph's torch-op form.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -25,11 +26,11 @@ constexpr int64_t kGrain = 32768;
 
 QATGRAPH_CLONES
 void forward_chunk(const float* __restrict x, float* __restrict y, uint8_t* __restrict mask, int64_t n,
-                   float inv_scale, float scale, float low, float high) {
+                   float scale, float low, float high) {
   if (mask != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float code = std::nearbyint(x[i] * inv_scale);
+      const float code = std::nearbyint(x[i] / scale);
       const float clamped = code < low ? low : (code > high ? high : code);
       y[i] = clamped * scale;
       mask[i] = clamped == code;
@@ -37,7 +38,7 @@ void forward_chunk(const float* __restrict x, float* __restrict y, uint8_t* __re
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float code = std::nearbyint(x[i] * inv_scale);
+      const float code = std::nearbyint(x[i] / scale);
       const float clamped = code < low ? low : (code > high ? high : code);
       y[i] = clamped * scale;
     }
@@ -65,7 +66,6 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward(const at::Tensor& x, do
                                                          bool need_mask) {
   check_dense_float(x, "input");
   const float scale_f = static_cast<float>(scale);
-  const float inv_scale = 1.0f / scale_f;  // as ATen: the reciprocal in float32
   auto y = at::empty_like(x);  // same strides as x (x is dense), so flat indices line up
   at::Tensor mask = need_mask ? at::empty_like(x, x.options().dtype(at::kBool)) : at::empty({0}, x.options().dtype(at::kBool));
   const float* src = x.data_ptr<float>();
@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_forward(const at::Tensor& x, do
   uint8_t* bits = need_mask ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   const float low_f = static_cast<float>(low), high_f = static_cast<float>(high);
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    forward_chunk(src + begin, dst + begin, bits ? bits + begin : nullptr, end - begin, inv_scale, scale_f, low_f, high_f);
+    forward_chunk(src + begin, dst + begin, bits ? bits + begin : nullptr, end - begin, scale_f, low_f, high_f);
   });
   return {y, mask};
 }

@@ -1,13 +1,14 @@
 """Triton kernels: fused fake-quantization of fp32/bf16/fp16 tensors on the GPU, one pass per direction.
 
 Semantics (the same for every input dtype): each element is read, widened to fp32 in registers,
-multiplied by ``1 / scale`` (IEEE division, as ``torch``'s), rounded half to even, clamped to
-``[quant_min - zero_point, quant_max - zero_point]`` and multiplied by ``scale``; the result is
-cast back to the input dtype (round to nearest even) on the store. That is exactly
-``fake_quantize(x.float()).to(x.dtype)`` with ATen's formula, so a bf16 activation quantizes to
-the same integers as its fp32 value would, and fp32 inputs give ATen's bits. Two deliberate
-deviations from ATen, shared with qatgraph's CPU kernel: a NaN input stays NaN (ATen returns an
-arbitrary clamp bound), and +-inf clamps to the nearer bound.
+divided by ``scale`` (an IEEE division, ``div_rn``, as ONNX QuantizeLinear and torch's ``/``),
+rounded half to even, clamped to ``[quant_min - zero_point, quant_max - zero_point]`` and
+multiplied by ``scale``; the result is cast back to the input dtype (round to nearest even) on the
+store. That is exactly ``fake_quantize(x.float()).to(x.dtype)`` with qatgraph's CPU formula, so a
+bf16 activation quantizes to the same integers as its fp32 value would, and fp32 inputs give the
+CPU kernel's bits. Deviations from ATen, shared with qatgraph's CPU kernel: ATen multiplies by
+``1 / scale`` (another integer for values within an ulp of a tie), a NaN input stays NaN (ATen
+returns an arbitrary clamp bound), and +-inf clamps to the nearer bound.
 
 Kernels:
 
@@ -73,10 +74,10 @@ def _locate(pid, inner, channels, blocks_per_row, BLOCK: tl.constexpr):
 
 @triton.jit
 def _qparams(scale_ptr, zero_point_ptr, channel, quant_min, quant_max):
-    """(scale, 1/scale as an IEEE division, lowest and highest code after the zero point) of a channel."""
+    """(scale, lowest and highest code after the zero point) of a channel."""
     scale = tl.load(scale_ptr + channel)
     zero_point = tl.load(zero_point_ptr + channel).to(tl.float32)
-    return scale, tl.math.div_rn(1.0, scale), quant_min - zero_point, quant_max - zero_point
+    return scale, quant_min - zero_point, quant_max - zero_point
 
 
 @triton.jit
@@ -85,9 +86,9 @@ def _forward_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, zero_point_ptr,
                     BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, DOWNCAST: tl.constexpr,
                     INTERPRETED: tl.constexpr):
     offsets, valid, channel = _locate(tl.program_id(0), inner, channels, blocks_per_row, BLOCK)
-    scale, inverse_scale, low, high = _qparams(scale_ptr, zero_point_ptr, channel, quant_min, quant_max)
+    scale, low, high = _qparams(scale_ptr, zero_point_ptr, channel, quant_min, quant_max)
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-    scaled = x * inverse_scale
+    scaled = tl.math.div_rn(x, scale)  # IEEE division, as ONNX QuantizeLinear
     rounded = _round_half_even(scaled, INTERPRETED)
     code = tl.minimum(tl.maximum(rounded, low), high)
     out = tl.where(scaled != scaled, scaled, code * scale)  # NaN stays NaN
@@ -113,10 +114,10 @@ def _lsq_backward_kernel(x_ptr, grad_ptr, scale_ptr, zero_point_ptr, grad_x_ptr,
                          BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
     pid = tl.program_id(0)
     offsets, valid, channel = _locate(pid, inner, channels, blocks_per_row, BLOCK)
-    scale, inverse_scale, low, high = _qparams(scale_ptr, zero_point_ptr, channel, quant_min, quant_max)
+    scale, low, high = _qparams(scale_ptr, zero_point_ptr, channel, quant_min, quant_max)
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
     raw_grad = tl.load(grad_ptr + offsets, mask=valid, other=0.0)
-    scaled = x * inverse_scale
+    scaled = tl.math.div_rn(x, scale)  # IEEE division, as ONNX QuantizeLinear
     rounded = _round_half_even(scaled, INTERPRETED)
     inside = (rounded >= low) & (rounded <= high)
     tl.store(grad_x_ptr + offsets, tl.where(inside, raw_grad, tl.zeros_like(raw_grad)), mask=valid)

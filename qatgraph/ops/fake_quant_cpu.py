@@ -3,9 +3,12 @@
 On the CPU, ATen's ``fake_quantize_per_{tensor,channel}_affine`` forward is a scalar loop and its
 backward multiplies the gradient by a boolean mask through a type-promoting copy; on a
 16x96x56x56 activation they measured 12.6 ms forward and 12.9 ms backward (torch 2.13, 2 threads).
-Two faster forms, same formula as ATen -- ``q = round_half_even(x * (1 / scale))`` in float32, then
-the clamp to ``[qmin, qmax]`` after the zero point -- so output and straight-through mask are the
-same bits (tests/test_quantizer.py):
+Two faster forms, both with ONNX QuantizeLinear's formula -- ``q = round_half_even(x / scale)`` in
+float32 (an IEEE division, as ONNX Runtime computes it), then the clamp to ``[qmin, qmax]`` after
+the zero point -- and ATen's straight-through mask, the same bits in both (tests/test_quantizer.py).
+ATen multiplies by ``1 / scale`` instead, which lands on the other side of a rounding tie for inputs
+within an ulp of it (on all-MiniLM-L6-v2, 1 of 11.5 million activation values; 2 of the 6 root flips
+of one parity check: BENCHMARKS.md, "Transformer PTQ"). The forms:
 
 * per-tensor: a C++ kernel (``qatgraph/kernels/fake_quant_cpu.cpp``), one pass forward writing the
   output and a one-byte mask, one pass backward; built on first use (see
@@ -15,7 +18,8 @@ same bits (tests/test_quantizer.py):
   ``where`` backward (5.9 ms and 5.4 ms on that activation).
 
 Deviation from ATen kept on purpose in both: a NaN input stays NaN (ATen outputs ``qmin``), with
-gradient 0. The kernel runs only for eager float32 on the CPU (CUDA keeps ATen's fused kernel).
+gradient 0. The kernel runs only for eager float32 on the CPU (CUDA has its own fused kernels,
+:mod:`qatgraph.ops.fake_quant_cuda`).
 The torch-op form is also the "mask" form of compiled graphs (``qatgraph.quant.quantizer``), on any
 device: Dynamo traces this autograd function, forward and backward, and Inductor fuses it.
 """
@@ -69,13 +73,13 @@ class FakeQuantizeCpu(torch.autograd.Function):
 
 def fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                             axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ATen's fake-quant of float32 ``x`` in torch ops: (output, straight-through bool mask)."""
+    """Fake-quant of float32 ``x`` in torch ops, ``round(x / scale)``: (output, straight-through bool mask)."""
     scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
     zero_point = zero_point.to(torch.float32)
     # Integers are exact in float32, so clamping round(x / s) to [qmin - zp, qmax - zp] is
     # clamping round(x / s) + zp to [qmin, qmax] and subtracting zp again, without two passes.
     low, high = qmin - zero_point, qmax - zero_point
-    codes = torch.mul(x, 1.0 / scale).round_()
+    codes = torch.div(x, scale).round_()
     clamped = torch.clamp(codes, low, high)
     mask = clamped == codes  # NaN compares unequal: no gradient, as in ATen
     return clamped.mul_(scale), mask

@@ -1,9 +1,11 @@
 """Eager fake-quantization of CUDA tensors in fp32, bf16 and fp16: one fused kernel per direction.
 
-Semantics for every dtype: ``fake_quantize(x.float()).to(x.dtype)`` with ATen's formula
-(``round_half_even(x * (1 / scale))`` in fp32, clamped to ``[qmin - zp, qmax - zp]``, times
-``scale``); the straight-through gradient is 1 where the rounded value lies in the range (ATen's
-mask). So a bf16 activation lands on exactly the integers its fp32 value would, the output keeps
+Semantics for every dtype: ``fake_quantize(x.float()).to(x.dtype)`` with ONNX QuantizeLinear's
+formula, as on the CPU (``round_half_even(x / scale)`` in fp32, an IEEE division, clamped to
+``[qmin - zp, qmax - zp]``, times ``scale``); the straight-through gradient is 1 where the rounded
+value lies in the range (ATen's mask). The ``aten`` backend multiplies by ``1 / scale`` instead
+(ATen's formula): values within an ulp of a rounding tie get the other integer than ONNX Runtime
+gives them, which is why it is opt-in. So a bf16 activation lands on exactly the integers its fp32 value would, the output keeps
 the input's dtype and memory layout, and no fp32 copy of an activation is ever made. What the
 backward keeps is a one-byte mask (fixed scales) or nothing but the input it already needs
 (learnable scales, where the gradient is recomputed from ``x``).
@@ -13,8 +15,8 @@ or :func:`force_backend`:
 
 * ``triton``: :mod:`qatgraph.kernels.fake_quant_triton` (forward writes output + mask in one pass,
   backward reads gradient + mask in one pass; NaN stays NaN, as on the CPU);
-* ``aten``: ``torch.fake_quantize_per_{tensor,channel}_affine`` (ATen's cachemask kernels; a NaN
-  input comes out as a clamp bound, and per-channel reads the input twice).
+* ``aten``: ``torch.fake_quantize_per_{tensor,channel}_affine`` (ATen's cachemask kernels; rounds
+  ``x * (1 / scale)``, a NaN input comes out as a clamp bound, and per-channel reads the input twice).
 
 Learnable scales (LSQ) always take the Triton kernels (ATen's learnable kernels are fp32-only and
 have another zero-point convention); without Triton they fall back to the torch-op reference.
@@ -33,11 +35,11 @@ from qatgraph.kernels import triton_available
 Backend = Literal["triton", "aten"]
 BACKENDS: tuple[Backend, ...] = ("triton", "aten")
 #: Which fused implementation each input dtype uses by default on CUDA (activations and weights).
-#: Not yet decided by a GPU measurement: fp32 keeps ATen's cachemask kernel (what qatgraph used
-#: before), bf16/fp16 take the Triton kernels (before: the unfused torch-op reference). The
-#: ``kernels`` and ``step`` sections of benchmarks/gpu_train.py time both side by side; set this
-#: table from their result.
-PREFERRED: dict[torch.dtype, Backend] = {torch.float32: "aten", torch.bfloat16: "triton", torch.float16: "triton"}
+#: Triton everywhere: it rounds as ONNX QuantizeLinear does (``x / scale``), ATen's kernels do not
+#: (``x * (1 / scale)``), so only Triton keeps the trained model's integers those of the exported
+#: file. Speed not yet measured on a GPU: the ``kernels`` and ``step`` sections of
+#: benchmarks/gpu_train.py time both side by side.
+PREFERRED: dict[torch.dtype, Backend] = {torch.float32: "triton", torch.bfloat16: "triton", torch.float16: "triton"}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

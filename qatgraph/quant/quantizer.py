@@ -22,7 +22,10 @@ Equivalent implementations of the fake-quant, picked per call (same integers, sa
 * everything else (per-channel weights when compiled, learnable scales on the CPU, CPU
   fp16/bf16/fp64 inputs, computed in float32): :func:`fake_quantize_reference`.
 
-Low-precision semantics, the same on every path: ``fake_quantize(x.float()).to(x.dtype)``.
+Low-precision semantics, the same on every path: ``fake_quantize(x.float()).to(x.dtype)``. The
+rounding is ONNX QuantizeLinear's, ``round_half_even(x / scale)`` with an IEEE float32 division (what
+ONNX Runtime computes), on every path but the opt-in ``aten`` CUDA backend, which multiplies by
+``1 / scale`` as ATen does and so rounds values within an ulp of a tie the other way.
 """
 from __future__ import annotations
 
@@ -87,11 +90,12 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     w.r.t. ``scale`` it is LSQ's. Computed in float32 and cast back to ``x.dtype``.
     """
     scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
-    # Same arithmetic as the ATen kernels (multiply by 1/scale, round, then shift by the zero
-    # point), so eager float32, bf16 and compiled graphs agree bit for bit, ties included.
+    # Same arithmetic as the eager kernels and ONNX QuantizeLinear (divide by the scale, round,
+    # then shift by the zero point), so eager float32, bf16 and compiled graphs agree bit for bit,
+    # ties included, and with ONNX Runtime.
     x32 = x.float()
     zero_point = zero_point.to(torch.float32)
-    scaled = x32 * (1.0 / scale)
+    scaled = x32 / scale
     low, high = qmin - zero_point, qmax - zero_point
     # ATen's mask is taken on the *rounded* value: an input up to half a step outside the range
     # still rounds onto it and keeps gradient 1. So clip to the range widened by half a step.

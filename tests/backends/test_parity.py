@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import models
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -172,3 +173,68 @@ def test_wrong_input_shapes_and_plain_modules_get_one_paragraph(tmp_path):
         qatgraph.check_parity(qmodel, path, torch.randn(2, 3, 8, 8))
     with pytest.raises(UsageError, match="has no qatgraph quantizer, it was not compiled"):
         qatgraph.check_parity(Classifier(), path, x)
+
+
+def test_the_replay_reports_the_root_flip_that_moves_the_output_most():
+    """Each root flip of the worst batch is replayed alone and the one that moves the output most is
+    reported (replaying only the first said 'moves nothing' on all-MiniLM-L6-v2 while another flip
+    carried the whole 4.6 %). Here the first flip, one step at a zero, moves no later integer (measured:
+    0 relative), the second, eight steps at the largest value, moves the output."""
+    from qatgraph.backends import parity
+    from qatgraph.backends.parity_capture import amplification, run_capturing, trained_quantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8)
+    qmodel = calibrated(Classifier(), x).eval()
+    calls, leaves, _ = run_capturing(qmodel, (x,), trained_quantizer)
+    reference = leaves[0].double().numpy()
+    name = next(n for n, c in calls.items() if c[0].value.shape == (4, 32, 8, 8) and (c[0].value == 0).any())
+    value = calls[name][0].value.reshape(-1)
+    dead, alive = int((value == 0).nonzero()[0][0]), int(abs(value).argmax())
+    flips = [(name, 0, dead, -1.0), (name, 0, alive, 8.0)]
+    singles = [amplification(qmodel, (x,), flip, 0, calls, reference) for flip in flips]
+    evidence = parity._Evidence(max_diff=1.0, replay=((x,), calls, reference, flips))
+    found = parity._replay(qmodel, evidence, 0)
+    assert found.replayed == 2 and found.output_relative == max(s.output_relative for s in singles) > 0
+    assert singles[0].output_relative < found.output_relative, "the flips no longer tell first from worst"
+
+
+def test_the_free_running_output_comes_from_the_session_as_given(tmp_path):
+    """The activation probe exposes every Q/DQ output, which keeps ONNX Runtime from fusing them into
+    integer kernels; the free-running difference must be the given session's (vit_sdpa: 1e-2 as
+    given, 2e-7 on the probe), while the teacher-forced comparison stays on the probe."""
+    from qatgraph.backends.onnx_graph import load_onnx
+    from qatgraph.backends.onnxruntime import OrtRunner
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8)
+    qmodel = calibrated(Classifier(), x)
+    path = qatgraph.export_onnx(qmodel, tmp_path / "m.onnx", x).path
+    session = OrtRunner(load_onnx(path), quantize_bias=False)
+
+    class Shifted:  # a session whose output is off by 0.5
+        optimization = session.optimization
+
+        def __call__(self, *batch):
+            outputs = session(*batch)
+            return [outputs[0] + 0.5, *outputs[1:]]
+
+    report = qatgraph.check_parity(qmodel, path, x, runner=Shifted())
+    assert report.max_abs_diff == pytest.approx(0.5, abs=1e-3)
+    assert report.forced_relative_error is not None and report.forced_relative_error < 1e-5
+
+
+def test_a_top1_flip_between_the_two_ort_sessions_is_a_tie_of_the_runtime():
+    """The session as given (integer kernels) flips a row the probe session, whose integers feed the
+    teacher-forced run, does not: ONNX Runtime itself is at a tie there. A flip both sessions make
+    still has to be explained by the forced run."""
+    from qatgraph.backends import parity
+    from qatgraph.backends.parity_report import Tolerances
+
+    trained = np.array([[1.0, 0.9, 0.0]])
+    session = np.array([[0.9, 1.0, 0.0]])
+    forced = trained.copy()  # fed ORT's (probe) integers, PyTorch still ranks class 0 first
+    for probe, unexplained in ((trained, 0), (session, 1)):
+        evidence = parity._Evidence(step=None, max_ref=1.0)
+        parity._top1(evidence, trained, session, forced, Tolerances(1.0, 1e-4, 1e-3), probe)
+        assert (evidence.top1_flips, evidence.top1_unexplained) == (1, unexplained)
