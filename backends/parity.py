@@ -30,8 +30,9 @@ depends on the model, not on the runtime. :class:`ParityReport` measures it: it 
 flips of the batch that differs most (up to 16), one at a time, in the trained model alone and
 reports the one that moves the output most: how many steps it moves later activations and the
 output. (One flip of several can carry the whole difference: on all-MiniLM-L6-v2, one of 6 root
-flips, at a layer-3 V projection, alone moves the embedding 4.6 %, the other five move nothing.) A model whose activations outgrew the ranges calibrated before QAT (the scales stay
-fixed while BatchNorm gains grow) amplifies most: in ``examples/resnet_qat.py`` after QAT, one
+flips, at a layer-3 V projection, alone moves the embedding 4.6 %, the other five move nothing.)
+A model whose activations outgrew the ranges calibrated before QAT (the scales stay fixed while
+BatchNorm gains grow) amplifies most: in ``examples/resnet_qat.py`` after QAT, one
 step at the first quantizer became 127 steps and 3 % of the output in PyTorch alone, with 18-63 %
 of some activations clipped; recalibrating after training brought the same replay to 4 steps.
 Teacher-forced, every op agrees to <8e-7 relative on the test zoo and each root flip lies within
