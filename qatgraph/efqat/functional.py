@@ -145,6 +145,10 @@ def find(model: nn.Module, taken: set[int]) -> tuple[list[FunctionalWeight], dic
     found: dict[int, FunctionalWeight] = {}
     refused: dict[int, tuple[str, str]] = {}
     for region in (m for m in model.modules() if isinstance(m, fx.GraphModule)):
+        getters: dict[str, list[fx.Node]] = {}
+        for node in region.graph.nodes:
+            if node.op == "get_attr":
+                getters.setdefault(str(node.target), []).append(node)
         for node in region.graph.nodes:
             if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) != "get_attr":
                 continue
@@ -159,7 +163,8 @@ def find(model: nn.Module, taken: set[int]) -> tuple[list[FunctionalWeight], dic
                 continue
             owner_name = module_names[id(owner)]
             name = _display_name(owner_name, weight_name)
-            problem = None if len(getter.users) == 1 else "its parameter also feeds an op outside the quantized one"
+            readers = {user for other in getters.get(str(getter.target), ()) for user in other.users}
+            problem = None if readers == {node} else "its parameter also feeds an op outside the quantized one"
             sites = []
             for user in node.users if problem is None else ():
                 site, problem = _site(region, node, user, weight)

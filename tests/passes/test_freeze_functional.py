@@ -395,3 +395,33 @@ def test_torch_compile_aot_eager_matches_the_eager_frozen_model():
     for name, grad in actual.items():
         torch.testing.assert_close(grad, expected[name], msg=lambda m, name=name: f"{name}: {m}")
     assert not actual["attn.in_proj_weight"][~trainable_mask(functional_layers(frozen)["attn.in_proj"])].any()
+
+
+class SharedWeight(nn.Module):
+    """``w`` feeds a quantized F.linear and, unquantized, a second product: EfQAT leaves it alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 16) * 0.2)
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.linear(x, self.w)) + x * self.w.mean(0)
+
+
+def test_a_parameter_that_also_feeds_an_unquantized_op_trains_in_full_and_the_summary_says_so():
+    CASES["shared"] = (SharedWeight, lambda batch=2: (torch.randn(batch, 6, 16),))
+    try:
+        frozen, reference, example = frozen_and_reference("shared", {"mode": "cwpl", "ratio": 0.25})
+    finally:
+        del CASES["shared"]
+    controller = frozen.qatgraph_freeze
+    assert functional_layers(frozen) == {} and [layer.name for layer in controller.layers] == ["fc"]
+    assert controller.unmanaged == {"w": "all rows train: its parameter also feeds an op outside the quantized one"}
+    rows = {row.layer: row.frozen for row in qatgraph.summary(frozen, print_table=False).rows}
+    assert rows["w"] == controller.unmanaged["w"]
+    upstream = torch.randn(2, 6, 16)
+    expected, _ = gradients(reference, example, upstream)
+    actual, _ = gradients(frozen, example, upstream)
+    torch.testing.assert_close(actual["w"], expected["w"])
+    assert_frozen_rows_zeroed(row_masks(frozen), actual, expected)
