@@ -9,10 +9,15 @@ Modes:
 * ``cwpn`` — the top ``ratio`` of rows across the whole network;
 * ``lwpn`` — whole layers, the most important first, until ``ratio`` of all rows is reached.
 
-Trainable rows of a layer are handed to its forward (``module.trainable_rows``), which routes
-through the ``qatgraph::masked_*`` ops: the backward computes the weight gradient of those rows
-only. A layer with no trainable row (LWPN) gets ``weight.requires_grad = False``, so autograd
-skips its weight-gradient GEMM entirely and optimizers skip the parameter.
+A "layer" is a quantized Conv/Linear module or a parameter read by quantized functional ops
+(:mod:`.functional`: ``F.linear(x, self.qkv.weight)``, a decomposed ``nn.MultiheadAttention``'s
+in-projection, ``F.conv*``, ``x @ self.w``), whose rows lie on the ops' output axis. Trainable rows
+of a layer are handed to its forward (``module.trainable_rows``; a functional weight's ops read
+them from its weight quantizer), which routes through the ``qatgraph::masked_*`` ops: the backward
+computes the weight gradient of those rows only. A layer with no trainable row (LWPN) gets
+``weight.requires_grad = False``, so autograd skips its weight-gradient GEMM entirely and
+optimizers skip the parameter (every op reading a shared functional parameter then goes without
+its weight gradient: the parameter is the unit).
 
 Frozen rows never move: gradients are zero there, but SGD momentum, weight decay and Adam state
 would still move them, so a global optimizer post-step hook restores them (and their learnable
@@ -23,8 +28,9 @@ Under ``torch.distributed`` the count is of the samples of all ranks (each rank'
 number of ranks), so every rank refreshes at the same step; the ranks' weights being identical
 under DDP, so are their selections.
 
-Every tensor of that state is a non-persistent buffer of the layer it belongs to
-(``trainable_rows``, ``efqat_frozen_rows``, ``efqat_weight_snapshot``, ``efqat_scale_snapshot``):
+Every tensor of that state is a non-persistent buffer of the layer it belongs to, or of a
+functional weight's quantizer (``trainable_rows``, ``efqat_frozen_rows``, ``efqat_weight_snapshot``,
+``efqat_scale_snapshot``; ``trainable_rows_<start>_<stop>`` for an op reading a row slice):
 ``.to(device)``, ``.cuda()``, ``.half()``, ``deepcopy`` and ``torch.compile`` see them like any
 buffer, and ``state_dict()`` leaves them out. Importance is ranked on the CPU (one small copy per
 layer at each refresh), so the selection is the same on every device and every rank.
