@@ -425,3 +425,42 @@ def test_a_parameter_that_also_feeds_an_unquantized_op_trains_in_full_and_the_su
     actual, _ = gradients(frozen, example, upstream)
     torch.testing.assert_close(actual["w"], expected["w"])
     assert_frozen_rows_zeroed(row_masks(frozen), actual, expected)
+
+
+@pytest.mark.slow
+def test_dynamo_export_graph_is_the_unfrozen_models(tmp_path):
+    """opset 18 (torch.export + onnxscript): nodes, initializers, inputs and outputs identical; only
+    the exported program's signature note differs (it lists the Conv/Linear layers' EfQAT buffers)."""
+    torch.manual_seed(0)
+    build, inputs = CASES["mha_packed_slices"]
+    example = inputs()
+    policy = {"preset": "tensorrt", "activation": {"calibrator": "max"}}
+    reference = qatgraph.compile(build(), policy, example_inputs=example)
+    qatgraph.calibrate(reference, [example], show_progress=False)
+    frozen = qatgraph.compile(build(), {**policy, "freeze": {"mode": "cwpn", "ratio": 0.3, "interval": NEVER}},
+                              example_inputs=example)
+    frozen.load_state_dict(reference.state_dict())
+    assert functional_layers(frozen)["attn.in_proj"].rows is not None
+    graphs = []
+    for name, qmodel in (("reference", reference), ("frozen", frozen)):
+        path = str(tmp_path / f"{name}.onnx")
+        result = export_onnx(qmodel, path, example, opset=18)
+        assert result.exporter == "dynamo" and result.errors == [] and result.warnings == []
+        graphs.append(onnx.load(path).graph)
+    for field in ("node", "initializer", "input", "output", "value_info"):
+        assert [item.SerializeToString() for item in getattr(graphs[0], field)] == \
+            [item.SerializeToString() for item in getattr(graphs[1], field)], field
+
+
+def test_refreezing_with_another_mode_rewrites_the_graph_once_and_keeps_gradients_right():
+    from qatgraph.passes import freeze as freeze_pass
+
+    frozen, reference, example = frozen_and_reference("mha_packed_slices", {"mode": "cwpn", "ratio": 0.3})
+    upstream = torch.randn(2, 16)
+    expected, _ = gradients(reference, example, upstream)
+    for mode, ratio in (("lwpn", 0.0), ("cwpl", 0.25), ("cwpn", 0.5)):
+        freeze_pass.apply(frozen, qatgraph.Policy.from_any({"preset": "tensorrt", "freeze": {
+            "mode": mode, "ratio": ratio, "interval": NEVER}}))
+        assert sum(node.target is masked_call for node in frozen.graph.nodes) == 3  # the q, k and v slices
+        actual, _ = gradients(frozen, example, upstream)
+        assert_frozen_rows_zeroed(row_masks(frozen), actual, expected)
