@@ -67,9 +67,9 @@ def masked_call(name: str, quantizer: nn.Module, rows_name: str, *args, **kwargs
 
 
 def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list:
-    values = list(args) + [kwargs.get(name, default) for name, default in
-                           zip(names[len(args):], defaults[len(args) - len(names):])]
-    return values
+    """``args`` completed by ``kwargs`` or the defaults of the trailing ``names`` (``defaults``)."""
+    return list(args) + [kwargs.get(name, default) for name, default in
+                         zip(names[len(args):], defaults[len(args) - len(names):])]
 
 
 @dataclass
@@ -171,8 +171,8 @@ def find(model: nn.Module, taken: set[int]) -> tuple[list[FunctionalWeight], dic
                 if problem:
                     break
                 sites.append(site)
-            if problem is None and not weight.requires_grad:
-                continue
+            if problem is None and (not sites or not weight.requires_grad):
+                continue  # a dead quantizer call, or a parameter the user froze
             entry = found.get(id(weight))
             if problem is None and entry is not None and entry.quantizer is not quantizer:
                 problem = "its parameter has two weight quantizers"
