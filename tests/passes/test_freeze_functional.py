@@ -464,3 +464,27 @@ def test_refreezing_with_another_mode_rewrites_the_graph_once_and_keeps_gradient
         assert sum(node.target is masked_call for node in frozen.graph.nodes) == 3  # the q, k and v slices
         actual, _ = gradients(frozen, example, upstream)
         assert_frozen_rows_zeroed(row_masks(frozen), actual, expected)
+
+
+def test_cpu_bf16_autocast_keeps_frozen_rows_gradient_free():
+    """Under autocast the masked ops cast like F.linear: the trainable rows' gradients are the
+    unfrozen model's under the same autocast."""
+    frozen, reference, example = frozen_and_reference("mha_packed_slices", {"mode": "cwpn", "ratio": 0.3})
+    upstream = torch.randn(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = gradients(reference, example, upstream)
+        actual, _ = gradients(frozen, example, upstream)
+    assert actual["attn.in_proj_weight"].dtype == torch.float32
+    assert_frozen_rows_zeroed(row_masks(frozen), actual, expected)
+
+
+def test_state_buffer_names_name_real_buffers_for_ddp_to_skip():
+    """DDP is told to leave EfQAT's buffers out of its broadcast by qualified name."""
+    qmodel, _ = compile_case("mha_packed_slices", {"mode": "cwpn", "ratio": 0.3})
+    for layer in qmodel.qatgraph_freeze.layers:
+        for name in layer.buffer_names:
+            holder, _, buffer = name.rpartition(".")
+            assert buffer in qmodel.get_submodule(holder)._buffers, name
+    names = functional_layers(qmodel)["attn.in_proj"].buffer_names
+    assert {"attn.in_proj_weight_quantizer.trainable_rows_0_32", "attn.in_proj_weight_quantizer.efqat_frozen_rows"} \
+        <= set(names)
