@@ -2,6 +2,8 @@
 
 * :mod:`.tracing` — torch.fx tracing with the partial-tracing fallback (``TraceReport``);
 * :mod:`.frontends` — the torch.export frontend (a module-level fx graph of what fx cannot trace);
+* :mod:`.modes` — ``train()``/``eval()`` kept meaningful in a traced graph (leaf modules,
+  :class:`~.mode_call.TrainingFlagCall`, modules that keep the mode of compile);
 * :mod:`.build` — which frontend builds compile's graph (``tracing.frontend: auto | fx | export``);
 * :mod:`.sharing` — one quantizer per tensor in untraced code; residual Adds it hides;
 * :mod:`.annotations` — the node metadata passes write (what gets quantized, where);

@@ -54,7 +54,7 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
         report.frontend_notes.append("tracing.frontend is 'export'")
         return _exported(model, args, kwargs, report), report
     try:
-        graph_module = trace_module(model, policy, "", policy.tracing.concrete_args)
+        graph_module = trace_module(model, policy, "", policy.tracing.concrete_args, report)
         report.traced.append("")
         return graph_module, report
     except Exception as exc:  # torch.fx raises many types; each is reported with its source line

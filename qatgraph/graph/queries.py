@@ -14,6 +14,8 @@ from torch import nn
 
 from qatgraph.quant.qmodules import op_kind
 
+from .mode_call import TrainingFlagCall
+
 # Ops whose activation inputs TensorRT wants quantized (rule 1), by node target.
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 MATMUL_METHODS = {"matmul", "bmm"}
@@ -79,6 +81,9 @@ def cat_inputs(node: fx.Node) -> list[fx.Node]:
 
 def is_chain_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     module = node_module(gm, node)
+    if isinstance(module, TrainingFlagCall):  # F.dropout/stochastic_depth following train()/eval()
+        return module.function in CHAIN_PASSTHROUGH_FUNCTIONS or \
+            getattr(module.function, "__name__", None) in IDENTITY_LIKE_NAMES
     if module is not None:
         return isinstance(module, CHAIN_PASSTHROUGH_TYPES) or type(module).__name__ in IDENTITY_LIKE_NAMES
     if node.op == "call_method" and node.target == "contiguous":

@@ -24,6 +24,8 @@ from torch import nn
 from qatgraph.policy import Policy
 from qatgraph.quant.qmodules import op_kind
 
+from .modes import follow_training_flags, keeps_mode_as_leaf, trace_both_modes
+
 log = logging.getLogger(__name__)
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -57,13 +59,15 @@ class TraceReport:
     shared_quantizers: list[tuple[str, str]] = field(default_factory=list)  # (name, the quantizer it uses)
     eager_adds: list[str] = field(default_factory=list)  # source lines of residual Adds in untraced code
     eager_folded: list[str] = field(default_factory=list)  # BNs in untraced code folded at compile (bn: fold)
+    mode_fixed: list[str] = field(default_factory=list)  # modules whose graph keeps the mode of compile
+    mode_note: str = ""  # "traced in training mode" / "traced in eval mode"
 
     @property
     def fully_traced(self) -> bool:
         return self.traced == [""]
 
     def describe(self) -> str:
-        notes = "".join(f"\n  {note}" for note in self.frontend_notes)
+        notes = "".join(f"\n  {note}" for note in self.frontend_notes + self._mode_notes())
         if self.fully_traced:
             return f"traced the whole model with {self.frontend}" + notes
         lines = ["partially traced: " + (", ".join(n or "<root>" for n in self.traced) or "nothing")]
@@ -80,14 +84,32 @@ class TraceReport:
         return "\n".join(lines) + notes
 
 
+    def _mode_notes(self) -> list[str]:
+        if not self.mode_fixed:
+            return []
+        return [f"{self.mode_note}, the code of {', '.join(self.mode_fixed)} branches on self.training beyond a "
+                "flag qatgraph can pass through: it keeps that mode after train()/eval() (compile in the mode you "
+                "train in, or name the module in tracing.leaf_modules)"]
+
+
 class QatTracer(fx.Tracer):
     """torch.fx tracer whose leaf modules also include the policy's ``tracing.leaf_modules``
     (class names, dotted class paths or qualified module names)."""
 
-    def __init__(self, leaf_modules: list[str], prefix: str = "") -> None:
+    def __init__(self, leaf_modules: list[str] | tuple[str, ...] = (), prefix: str = "",
+                 mode_leaves: dict[int, bool] | None = None) -> None:
         super().__init__()
         self.extra_leaves = set(leaf_modules)
         self.prefix = prefix
+        self.mode_leaves = {} if mode_leaves is None else mode_leaves  # id(module) -> keeps_mode_as_leaf
+
+    def _keeps_mode(self, module: nn.Module) -> bool:
+        key = id(module)
+        if key not in self.mode_leaves:
+            self.mode_leaves[key] = False  # while it is being decided (a module reached again inside itself)
+            self.mode_leaves[key] = keeps_mode_as_leaf(
+                module, lambda m: QatTracer(sorted(self.extra_leaves), "", self.mode_leaves).trace(m))
+        return self.mode_leaves[key]
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         full_name = f"{self.prefix}.{qualified_name}" if self.prefix and qualified_name else qualified_name or self.prefix
@@ -95,20 +117,43 @@ class QatTracer(fx.Tracer):
         if full_name in self.extra_leaves or klass.__name__ in self.extra_leaves or \
                 f"{klass.__module__}.{klass.__qualname__}" in self.extra_leaves:
             return True
-        return super().is_leaf_module(module, qualified_name)
+        return super().is_leaf_module(module, qualified_name) or self._keeps_mode(module)
 
 
 def trace_module(module: nn.Module, policy: Policy, prefix: str = "",
-                 concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
-    tracer = QatTracer(policy.tracing.leaf_modules, prefix)
-    graph = tracer.trace(module, concrete_args=concrete_args or None)
+                 concrete_args: dict[str, Any] | None = None, report: TraceReport | None = None) -> fx.GraphModule:
+    """``module`` traced (in its own mode and the other one: qatgraph/graph/modes.py), with calls
+    on a training flag following ``train()``/``eval()``; what still keeps the mode of the trace is
+    listed in ``report.mode_fixed``."""
+    mode_leaves: dict[int, bool] = {}
+    tracer = QatTracer(policy.tracing.leaf_modules, prefix, mode_leaves)
+    graph, other = trace_both_modes(module, lambda: tracer.trace(module, concrete_args=concrete_args or None))
     if isinstance(module, nn.Sequential):
         graph_module: fx.GraphModule = SequentialGraphModule(tracer.root, graph, module.__class__.__name__)
         graph_module.meta["qatgraph_sequence"] = list(module._modules)
     else:
         graph_module = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
     graph_module.meta["qatgraph_prefix"] = prefix
+    _drop_string_annotations(graph_module)
+    fixed = follow_training_flags(graph_module, other, module.training)
+    if fixed and report is not None:
+        mode = "training" if module.training else "eval"
+        report.mode_fixed += [f"{prefix}.{name}" if prefix and name != "<root>" else (prefix or name)
+                              for name in fixed]
+        report.mode_note = f"traced in {mode} mode"
     return graph_module
+
+
+def _drop_string_annotations(graph_module: fx.GraphModule) -> None:
+    """Annotations written under ``from __future__ import annotations`` are strings; torch.fx
+    would put them in the generated code's globals, where pickling the module
+    (``torch.save(qmodel)``, multiprocessing) fails. They only annotate the generated ``forward``."""
+    changed = False
+    for node in graph_module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type, changed = None, True
+    if changed:
+        graph_module.recompile()
 
 
 def trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport) -> None:
@@ -124,7 +169,7 @@ def trace_children(module: nn.Module, prefix: str, policy: Policy, report: Trace
         if tracer_for_leaves.is_leaf_module(child, child_name):
             continue
         try:
-            traced = trace_module(child, policy, name)
+            traced = trace_module(child, policy, name, report=report)
         except Exception as exc:
             report.untraced.append(describe_failure(exc, child, name))
             trace_children(child, name, policy, report)

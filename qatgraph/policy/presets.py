@@ -1,4 +1,4 @@
-"""Built-in policy presets, as plain dicts (the same form a YAML policy takes).
+r"""Built-in policy presets, as plain dicts (the same form a YAML policy takes).
 
 - ``tensorrt``: INT8 symmetric, zero-point 0; weights per output channel in [-127, 127];
   activations per tensor in [-128, 127]; tiny layers (< 16 channels, GEMM N/K < 16) stay in
