@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 from qatgraph.graph.queries import FUNCTIONAL_WEIGHTED, MATMUL_FUNCTIONS, MATMUL_METHODS
 from qatgraph.ops.partial_grad import masked_conv, masked_linear
@@ -52,6 +53,8 @@ def masked_call(name: str, quantizer: nn.Module, rows_name: str, *args, **kwargs
     """``FUNCTIONS[name](*args, **kwargs)`` (``F.linear``, ``F.conv1d/2d/3d`` or ``torch.matmul``
     with the weight second), computing the weight gradient of the quantizer's trainable rows only
     while training."""
+    if has_torch_function(args):  # fx tracing the graph's code (unpickling a GraphModule): stays one call
+        return handle_torch_function(masked_call, args, name, quantizer, rows_name, *args, **kwargs)
     function = FUNCTIONS[name]
     rows = quantizer._buffers.get(rows_name) if quantizer.training and torch.is_grad_enabled() else None
     if rows is None or not args[1].requires_grad:

@@ -488,3 +488,23 @@ def test_state_buffer_names_name_real_buffers_for_ddp_to_skip():
     names = functional_layers(qmodel)["attn.in_proj"].buffer_names
     assert {"attn.in_proj_weight_quantizer.trainable_rows_0_32", "attn.in_proj_weight_quantizer.efqat_frozen_rows"} \
         <= set(names)
+
+
+def test_a_pickled_frozen_model_loads_with_its_ops_masked_and_frozen_rows_restored():
+    """``torch.save(model)``: fx re-traces the graph's code on load; the masked call stays one node."""
+    import io
+
+    qmodel, example = compile_case("mha_packed_slices", {"mode": "cwpn", "ratio": 0.3})
+    buffer = io.BytesIO()
+    torch.save(qmodel, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert sum(node.target is masked_call for node in loaded.graph.nodes) == 3
+    layer = functional_layers(loaded)["attn.in_proj"]
+    assert layer.holder is loaded.get_submodule("attn.in_proj_weight_quantizer")
+    grads, _ = gradients(loaded, example, torch.randn(2, 16))
+    mask = trainable_mask(layer)
+    assert not grads["attn.in_proj_weight"][~mask].any() and grads["attn.in_proj_weight"][mask].any()
+    before = frozen_state(loaded)
+    train_steps(loaded, OPTIMIZERS["sgd_momentum_nesterov_decay"](loaded.parameters()), example, 2)
+    assert_frozen_rows_identical(before)
