@@ -508,3 +508,16 @@ def test_a_pickled_frozen_model_loads_with_its_ops_masked_and_frozen_rows_restor
     before = frozen_state(loaded)
     train_steps(loaded, OPTIMIZERS["sgd_momentum_nesterov_decay"](loaded.parameters()), example, 2)
     assert_frozen_rows_identical(before)
+
+
+def test_finetune_recipe_keeps_functional_frozen_rows_identical():
+    from qatgraph.train.finetune import finetune
+
+    qmodel, _ = compile_case("swin_f_linear", {"mode": "cwpn", "ratio": 0.3}, weight={"learnable_scale": True})
+    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    before = frozen_state(qmodel)
+    history = finetune(qmodel, loader, F.cross_entropy, epochs=1, base_lr=1.0, show_progress=False)
+    assert history.final["train_loss"] == history.final["train_loss"]  # not NaN
+    assert_frozen_rows_identical({name: before[name] for name in FUNCTIONAL["swin_f_linear"]}, require_moves=False)
+    assert any(not torch.equal(before[name][2], functional_layers(qmodel)[name].weight)
+               for name in FUNCTIONAL["swin_f_linear"]), "trainable rows train"
