@@ -521,3 +521,28 @@ def test_finetune_recipe_keeps_functional_frozen_rows_identical():
     assert_frozen_rows_identical({name: before[name] for name in FUNCTIONAL["swin_f_linear"]}, require_moves=False)
     assert any(not torch.equal(before[name][2], functional_layers(qmodel)[name].weight)
                for name in FUNCTIONAL["swin_f_linear"]), "trainable rows train"
+
+
+class LayerAlsoReadFunctionally(nn.Module):
+    """``fc`` is called as a layer and its weight also read by ``F.linear``: the layer's selection rules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.fc(x)) + F.linear(x, self.fc.weight))
+
+
+def test_a_layer_weight_also_read_functionally_follows_the_layer_and_its_frozen_rows_stay():
+    CASES["layer_and_functional"] = (LayerAlsoReadFunctionally, lambda batch=2: (torch.randn(batch, 6, 16),))
+    try:
+        qmodel, example = compile_case("layer_and_functional", {"mode": "cwpl", "ratio": 0.25})
+    finally:
+        del CASES["layer_and_functional"]
+    controller = qmodel.qatgraph_freeze
+    assert [layer.name for layer in controller.layers] == ["fc", "head"] and functional_layers(qmodel) == {}
+    before = frozen_state(qmodel)
+    train_steps(qmodel, OPTIMIZERS["sgd_momentum_nesterov_decay"](qmodel.parameters()), example, 2)
+    assert_frozen_rows_identical(before)
