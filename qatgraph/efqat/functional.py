@@ -11,9 +11,11 @@ directly or through a row slice, and those ops agree on the output axis; a param
 feeds something else (a tied embedding, an op qatgraph left alone) trains in full, and the summary
 says so.
 
-Each op of a partially frozen parameter is rewritten in its graph from ``F.linear(x, w, b)`` to
-``masked_call(F.linear, <weight quantizer>, "trainable_rows", x, w, b)``: in training, with the
-quantizer's ``trainable_rows`` buffer set, that is ``qatgraph::masked_linear`` (``masked_conv``
+Each op of a parameter that can be frozen row by row is rewritten in its graph from
+``F.linear(x, w, b)`` to ``masked_call("linear", <weight quantizer>, "trainable_rows", x, w, b)``
+(the quantizer a ``get_attr`` node, so the call follows ``.to()``, ``deepcopy`` and pickling;
+under a symbolic trace, as when a pickled GraphModule is loaded, it stays one call): in
+training, with the quantizer's ``trainable_rows`` buffer set, that is ``qatgraph::masked_linear`` (``masked_conv``
 for a conv; ``masked_linear(x, w.t())`` for ``x @ w``), whose backward computes the weight
 gradient of the trainable rows only; otherwise (eval, no grad, the export's copy, all rows
 training) it is the original call. The EfQAT state of a functional weight lives as non-persistent
