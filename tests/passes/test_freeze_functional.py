@@ -84,7 +84,8 @@ FUNCTIONAL = {
     "vit_mha_packed": {f"layers.{i}.self_attention.in_proj": (192, 0) for i in range(2)},
     "mha_packed_slices": {"attn.in_proj": (96, 0)},
     "mha_separate": {f"attn.{role}_proj": (32, 0) for role in "qkv"},
-    "swin_f_linear": {**{f"stage1.{i}.attn.{op}": (rows, 0) for i in range(2) for op, rows in (("qkv", 96), ("proj", 32))},
+    "swin_f_linear": {**{f"stage1.{i}.attn.{op}": (rows, 0) for i in range(2)
+                         for op, rows in (("qkv", 96), ("proj", 32))},
                       "stage2.0.attn.qkv": (192, 0), "stage2.0.attn.proj": (64, 0)},
     "functional_ops": {"conv_w": (24, 0), "up_w": (16, 1), "fc_w": (32, 0), "mm_w": (40, 1)},
 }
