@@ -31,9 +31,8 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from torch.overrides import handle_torch_function, has_torch_function
 
 from qatgraph.graph.queries import FUNCTIONAL_WEIGHTED, MATMUL_FUNCTIONS, MATMUL_METHODS
@@ -228,8 +227,7 @@ def _display_name(owner_name: str, weight_name: str) -> str:
     """The summary's name of a functional op on a parameter: ``qkv`` for ``qkv.weight``,
     ``self_attn.in_proj`` for ``self_attn.in_proj_weight``."""
     qualified = f"{owner_name}.{weight_name}" if owner_name else weight_name
-    return qualified[:-len(".weight")] if qualified.endswith(".weight") else \
-        qualified[:-len("_weight")] if qualified.endswith("_weight") else qualified
+    return qualified.removesuffix(".weight") if qualified.endswith(".weight") else qualified.removesuffix("_weight")
 
 
 def _site(region: fx.GraphModule, quantized: fx.Node, user: fx.Node, weight: torch.Tensor) \

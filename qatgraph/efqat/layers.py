@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 #: Non-persistent buffers the controller keeps for each weight it manages (on the layer, or on a
 #: functional weight's quantizer), so that ``.to()``, ``.cuda()``, ``.half()``, ``deepcopy`` and
