@@ -3,7 +3,11 @@
 For a ResNet-like CNN (``tests/models.py`` ``resnet18_like(width=32)``, batch 16, 64x64 px) and a
 BERT-like encoder (transformers ``BertModel``: 4 layers, hidden 256, 4 heads, FFN 1024, seq 128,
 batch 8; compiled with qatgraph's partial tracing — without transformers, a stack of 4
-``tests/models.py`` ``AttentionBlock(256, heads=4, mlp_ratio=4)`` on random embeddings) it times
+``tests/models.py`` ``AttentionBlock(256, heads=4, mlp_ratio=4)`` on random embeddings), and with
+``--models vit`` a ViT on ``nn.MultiheadAttention`` (``tests/models_arch.py`` ``VitMha``: 4 blocks of
+width 256, 4 heads, MLP 1024, 32x32 images in 4x4 patches, batch 8), whose in-projections are
+functional weights (each frozen variant is then also timed "modules only": those left out of
+EfQAT, as before functional weights took part), it times
 ``loss.backward()`` only: every iteration runs a fresh, untimed forward pass, then the timed
 backward. Variants: the FP32 model, full QAT (compiled, no freeze), and each freeze mode at each
 ratio; all variants are interleaved in one loop in shuffled order, repeated, and reported as
@@ -17,7 +21,7 @@ variant skips in convolution/GEMM work) and the theoretical ``2 / (1 + r)`` for 
 part (dX + dW vs dX + r dW).
 
     python benchmarks/efqat_backward.py [--quick] [--repeats 15] [--threads 2] [--clock wall|cpu]
-                                        [--models resnet,bert] [--profile lwpn:0.0]
+                                        [--models resnet,bert,vit] [--profile lwpn:0.0]
 
 On a CPU shared with other jobs, multi-threaded wall times swing by several times (OpenMP threads
 spin while a sibling is descheduled); ``--threads 1 --clock cpu`` (CPU time of a single-threaded
@@ -46,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import models  # tests/models.py, importable once tests/ is on the path
+import models_arch  # tests/models_arch.py
 from common import (
     CLOCKS,
     environment,
@@ -56,6 +61,7 @@ from common import (
 )
 
 import qatgraph
+from qatgraph.efqat import functional
 
 MODES = ("cwpl", "cwpn", "lwpn")
 RATIOS = (0.0, 0.05, 0.10, 0.25)
@@ -70,6 +76,7 @@ class Workload:
     inputs: tuple[torch.Tensor, ...]
     loss: Callable[[object], torch.Tensor]
     note: str
+    modules_only: bool = False  # also time each variant with functional weights left out of EfQAT
 
 
 @dataclass
@@ -106,6 +113,15 @@ def bert_workload(quick: bool) -> Workload:
                     "transformers BertModel (partial tracing: attention core eager, Q/K/V quantized module-wise)")
 
 
+def vit_workload(quick: bool) -> Workload:
+    batch, dim = (2, 128) if quick else (8, 256)
+    return Workload(f"ViT-MHA 4x{dim} b{batch} 65 tokens",
+                    lambda: models_arch.VitMha(dim=dim, depth=4, heads=4, mlp_dim=4 * dim, patch=4, image_size=32),
+                    (torch.randn(batch, 3, 32, 32),), lambda out: out.square().mean(),
+                    "tests/models_arch.py VitMha on nn.MultiheadAttention: the in-projections are functional "
+                    "weights; 'modules only' variants leave them out of EfQAT, as before they took part", True)
+
+
 def build_variants(workload: Workload, ratios: tuple[float, ...]) -> list[Variant]:
     torch.manual_seed(0)
     float_model = workload.factory().train()
@@ -115,12 +131,20 @@ def build_variants(workload: Workload, ratios: tuple[float, ...]) -> list[Varian
     variants = [Variant("fp32", float_model), Variant("full QAT", full_qat.train())]
     for mode in MODES:
         for ratio in ratios:
-            frozen = qatgraph.compile(float_model, {**POLICY, "freeze": {"mode": mode, "ratio": ratio,
-                                                                         "interval": NEVER}}, example_inputs=example)
-            frozen.load_state_dict(full_qat.state_dict())  # same weights and scales: only dW work differs
-            controller = frozen.qatgraph_freeze
-            variants.append(Variant(mode, frozen.train(), ratio,
-                                    f"{controller.trainable_rows}/{controller.total_rows}"))
+            for modules_only in (False, True) if workload.modules_only else (False,):
+                policy = {**POLICY, "freeze": {"mode": mode, "ratio": ratio, "interval": NEVER}}
+                find = functional.find
+                if modules_only:  # EfQAT as it was before functional weights took part
+                    functional.find = lambda model, taken: ([], {})
+                try:
+                    frozen = qatgraph.compile(float_model, policy, example_inputs=example)
+                finally:
+                    functional.find = find
+                frozen.load_state_dict(full_qat.state_dict())  # same weights and scales: only dW work differs
+                frozen.qatgraph_freeze.refresh()
+                controller = frozen.qatgraph_freeze
+                variants.append(Variant(mode + (" (modules only)" if modules_only else ""), frozen.train(), ratio,
+                                        f"{controller.trainable_rows}/{controller.total_rows}"))
     return variants
 
 
@@ -140,7 +164,8 @@ def backward_flops(variant: Variant, workload: Workload) -> int:
 
 def run_workload(workload: Workload, ratios: tuple[float, ...], repeats: int, warmup: int,
                  clock: str) -> list[list[object]]:
-    print(f"\n## {workload.name}: building {2 + len(MODES) * len(ratios)} variants ({workload.note})", flush=True)
+    count = 2 + len(MODES) * len(ratios) * (2 if workload.modules_only else 1)
+    print(f"\n## {workload.name}: building {count} variants ({workload.note})", flush=True)
     variants = build_variants(workload, ratios)
     flops = {v.label + str(v.ratio): backward_flops(v, workload) for v in variants}
     preparers = {v.label + str(v.ratio): backward_preparer(v, workload) for v in variants}
@@ -200,14 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or CPU time of this process (robust on a shared machine with --threads 1)")
-    parser.add_argument("--models", default="resnet,bert", help="comma-separated: resnet, bert")
+    parser.add_argument("--models", default="resnet,bert", help="comma-separated: resnet, bert, vit")
     parser.add_argument("--profile", default=None, metavar="MODE:RATIO", help="also profile one variant")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("QATGRAPH_NO_PROGRESS", "1")
     repeats = args.repeats or (3 if args.quick else 15)
     ratios = (0.0, 0.10) if args.quick else RATIOS
-    builders = {"resnet": resnet_workload, "bert": bert_workload}
+    builders = {"resnet": resnet_workload, "bert": bert_workload, "vit": vit_workload}
     workloads = [builders[name.strip()](args.quick) for name in args.models.split(",") if name.strip()]
     rows: list[list[object]] = []
     for workload in workloads:

@@ -69,11 +69,21 @@ def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
     modules = dict(model.named_modules())
     controller = getattr(model, "qatgraph_freeze", None)
     frozen = controller.describe() if controller is not None else {}
-    rows = [_row(decision, modules, frozen.get(decision.layer, "")) for decision in info.layers]
+    rows = [_row(decision, modules, _frozen(controller, frozen, decision)) for decision in info.layers]
     result = Summary(rows=rows, trace=_describe_trace(info.trace_report), policy_name=info.policy.name)
     if print_table:
         print(result.render())
     return result
+
+
+def _frozen(controller, frozen: dict[str, str], decision: LayerDecision) -> str:
+    """The EfQAT state of a layer; a functional op's is that of the parameter it reads (found by
+    its weight quantizer: the ops of a packed in-projection read in slices share one)."""
+    if controller is not None and decision.functional_weight_quantizer is not None and decision.quantized:
+        state = controller.describe_weight(decision.functional_weight_quantizer)
+        if state is not None:
+            return state
+    return frozen.get(decision.layer, "")
 
 
 def _row(decision: LayerDecision, modules: dict[str, nn.Module], frozen: str) -> SummaryRow:

@@ -64,6 +64,34 @@ def efqat_model(mode: str, ratio: float, interval: int) -> nn.Module:
     return qmodel
 
 
+class AttentionNet(nn.Module):
+    """nn.MultiheadAttention on a query and a memory (its packed in-projection read in three row
+    slices: a functional weight under EfQAT) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = torch.flip(x, [1])
+        return self.fc(self.attn(x, memory, memory, need_weights=False)[0].mean(1))
+
+
+def attention_batches(steps: int = 3, batch: int = 8, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 5, 16, generator=generator), torch.randint(0, 16, (batch,), generator=generator))
+            for _ in range(steps)]
+
+
+def attention_efqat_model(mode: str, ratio: float) -> nn.Module:
+    torch.manual_seed(0)
+    policy = {**LEARNABLE, "freeze": {"mode": mode, "ratio": ratio, "interval": 10**9}}
+    qmodel = qatgraph.compile(AttentionNet().eval(), policy, example_inputs=(torch.randn(2, 5, 16),))
+    qatgraph.calibrate(qmodel, [x for x, _ in attention_batches(seed=4)], show_progress=False)
+    return qmodel
+
+
 def efqat_state(qmodel: nn.Module) -> dict:
     controller = qmodel.qatgraph_freeze
     return {"refreshes": controller.refreshes, "state": {k: v.clone() for k, v in qmodel.state_dict().items()},

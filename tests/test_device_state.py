@@ -46,6 +46,18 @@ class TokenNet(nn.Module):
         return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x))))).mean(dim=1)
 
 
+class AttentionNet(nn.Module):
+    """nn.MultiheadAttention (its in-projection a functional weight: EfQAT state on its quantizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x, need_weights=False)[0]).mean(dim=1)
+
+
 class UntraceableRoot(nn.Module):
     """Data-dependent control flow at the root: only ``inner`` is traced, the root stays eager."""
 
@@ -57,7 +69,7 @@ class UntraceableRoot(nn.Module):
         return self.inner(x if x.sum() > 0 else -x)
 
 
-INPUTS = {ConvNet: (2, 3, 8, 8), TokenNet: (2, 6, 16), UntraceableRoot: (2, 3, 8, 8)}
+INPUTS = {ConvNet: (2, 3, 8, 8), TokenNet: (2, 6, 16), AttentionNet: (2, 6, 16), UntraceableRoot: (2, 3, 8, 8)}
 FREEZES = [None, {"mode": "cwpl", "ratio": 0.3}, {"mode": "cwpn", "ratio": 0.2}, {"mode": "lwpn", "ratio": 0.5}]
 
 
@@ -110,7 +122,7 @@ def stray_tensors(model: nn.Module) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("model_class", [ConvNet, TokenNet, UntraceableRoot])
+@pytest.mark.parametrize("model_class", [ConvNet, TokenNet, AttentionNet, UntraceableRoot])
 @pytest.mark.parametrize("freeze", FREEZES, ids=["plain", "cwpl", "cwpn", "lwpn"])
 def test_compiled_models_hold_no_tensor_outside_parameters_and_buffers(model_class, freeze):
     qmodel = compiled(model_class, freeze, learnable=freeze is not None and freeze["mode"] == "cwpn")

@@ -13,6 +13,8 @@ from distributed_cases import (
     LEARNABLE,
     accuracy,
     assert_same_on_both_ranks,
+    attention_batches,
+    attention_efqat_model,
     calibrated,
     efqat_model,
     efqat_state,
@@ -143,6 +145,41 @@ def test_efqat_under_ddp_keeps_frozen_rows_and_refreshes_in_step():
     refreshed, final = rank0["lwpn_refreshed"]["state"], rank0["lwpn_after"]["state"]
     assert not torch.equal(refreshed["conv2.weight"], final["conv2.weight"]), "conv2 did not train after the refresh"
     assert torch.equal(refreshed["fc.weight"], final["fc.weight"]), "fc moved while frozen"
+
+
+def _functional_efqat_under_ddp(rank: int) -> dict:
+    import torch.nn.functional as F
+
+    results = {}
+    for mode, ratio in (("cwpn", 0.3), ("lwpn", 0.4)):
+        qmodel = attention_efqat_model(mode, ratio)
+        ddp_model = qatgraph.wrap_ddp(qmodel)
+        optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+        results[f"{mode}_before"] = efqat_state(qmodel)
+        for inputs, targets in halves(attention_batches(), rank):
+            optimizer.zero_grad()
+            F.cross_entropy(ddp_model(inputs), targets).backward()
+            optimizer.step()
+        results[f"{mode}_after"] = efqat_state(qmodel)
+        results[f"{mode}_broadcast"] = sorted(ddp_model.named_module_buffers)
+    return results
+
+
+def test_efqat_on_a_functional_in_projection_under_ddp():
+    """The packed in-projection of nn.MultiheadAttention (a functional weight) under DDP: the ranks
+    stay identical, its frozen rows do not move, its EfQAT buffers stay out of DDP's broadcast."""
+    rank0, rank1 = run_ranks(_functional_efqat_under_ddp)
+    for mode in ("cwpn", "lwpn"):
+        assert_same_on_both_ranks(rank0[f"{mode}_after"], rank1[f"{mode}_after"], mode)
+        before, after = rank0[f"{mode}_before"], rank0[f"{mode}_after"]
+        rows = before["frozen"]["attn.in_proj"]
+        assert rows is not None and 0 < rows.numel(), f"{mode}: the in-projection froze rows"
+        weight_before, weight_after = before["state"]["attn.in_proj_weight"], after["state"]["attn.in_proj_weight"]
+        assert torch.equal(weight_before[rows], weight_after[rows]), f"{mode}: frozen in-projection rows moved"
+        if rows.numel() < 48:
+            assert not torch.equal(weight_before, weight_after), f"{mode}: trainable in-projection rows did not move"
+        broadcast = rank0[f"{mode}_broadcast"]
+        assert not [name for name in broadcast if "efqat" in name or "trainable_rows" in name], broadcast
 
 
 def _finetune_plumbing(rank: int) -> dict:

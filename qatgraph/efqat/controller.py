@@ -9,10 +9,15 @@ Modes:
 * ``cwpn`` — the top ``ratio`` of rows across the whole network;
 * ``lwpn`` — whole layers, the most important first, until ``ratio`` of all rows is reached.
 
-Trainable rows of a layer are handed to its forward (``module.trainable_rows``), which routes
-through the ``qatgraph::masked_*`` ops: the backward computes the weight gradient of those rows
-only. A layer with no trainable row (LWPN) gets ``weight.requires_grad = False``, so autograd
-skips its weight-gradient GEMM entirely and optimizers skip the parameter.
+A "layer" is a quantized Conv/Linear module or a parameter read by quantized functional ops
+(:mod:`.functional`: ``F.linear(x, self.qkv.weight)``, a decomposed ``nn.MultiheadAttention``'s
+in-projection, ``F.conv*``, ``x @ self.w``), whose rows lie on the ops' output axis. Trainable rows
+of a layer are handed to its forward (``module.trainable_rows``; a functional weight's ops read
+them from its weight quantizer), which routes through the ``qatgraph::masked_*`` ops: the backward
+computes the weight gradient of those rows only. A layer with no trainable row (LWPN) gets
+``weight.requires_grad = False``, so autograd skips its weight-gradient GEMM entirely and
+optimizers skip the parameter (every op reading a shared functional parameter then goes without
+its weight gradient: the parameter is the unit).
 
 Frozen rows never move: gradients are zero there, but SGD momentum, weight decay and Adam state
 would still move them, so a global optimizer post-step hook restores them (and their learnable
@@ -23,8 +28,9 @@ Under ``torch.distributed`` the count is of the samples of all ranks (each rank'
 number of ranks), so every rank refreshes at the same step; the ranks' weights being identical
 under DDP, so are their selections.
 
-Every tensor of that state is a non-persistent buffer of the layer it belongs to
-(``trainable_rows``, ``efqat_frozen_rows``, ``efqat_weight_snapshot``, ``efqat_scale_snapshot``):
+Every tensor of that state is a non-persistent buffer of the layer it belongs to, or of a
+functional weight's quantizer (``trainable_rows``, ``efqat_frozen_rows``, ``efqat_weight_snapshot``,
+``efqat_scale_snapshot``; ``trainable_rows_<start>_<stop>`` for an op reading a row slice):
 ``.to(device)``, ``.cuda()``, ``.half()``, ``deepcopy`` and ``torch.compile`` see them like any
 buffer, and ``state_dict()`` leaves them out. Importance is ranked on the CPU (one small copy per
 layer at each refresh), so the selection is the same on every device and every rank.
@@ -35,7 +41,6 @@ import copy
 import logging
 import math
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,66 +50,13 @@ from qatgraph.distributed import is_main_process, world_size
 from qatgraph.policy import FreezeConfig
 from qatgraph.quant.qmodules import CONV_TRANSPOSE_TYPES, QuantWeightMixin
 
+from . import functional
+from .layers import FROZEN_ROWS, SCALE_SNAPSHOT, STATE_BUFFERS, WEIGHT_SNAPSHOT, FrozenLayer, set_state_buffer
+
 log = logging.getLogger(__name__)
 
 _CONTROLLERS: weakref.WeakSet[FreezeController] = weakref.WeakSet()
 _GLOBAL_HOOK = None
-
-
-#: Non-persistent buffers the controller keeps on each layer it manages, so that ``.to()``,
-#: ``.cuda()``, ``.half()``, ``deepcopy`` and DDP's buffer handling move them with the model.
-FROZEN_ROWS = "efqat_frozen_rows"            # int64 output rows that never move (None: all train)
-WEIGHT_SNAPSHOT = "efqat_weight_snapshot"    # those rows' weights as of the last refresh
-SCALE_SNAPSHOT = "efqat_scale_snapshot"      # their learnable per-channel weight scales, if any
-STATE_BUFFERS = (FROZEN_ROWS, WEIGHT_SNAPSHOT, SCALE_SNAPSHOT)
-
-
-def set_state_buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
-    """Set a non-persistent buffer (registering it on first use): state that follows the module
-    everywhere but never enters ``state_dict()``."""
-    if name in module._buffers:
-        setattr(module, name, value)
-    else:
-        module.register_buffer(name, value, persistent=False)
-
-
-@dataclass
-class FrozenLayer:
-    """One layer under the controller. Its row selection lives in the module's buffers
-    (``trainable_rows`` for the masked ops, ``efqat_*`` for the frozen rows and their snapshots),
-    never here, so it moves wherever the model moves."""
-
-    name: str
-    module: nn.Module
-    partial_ok: bool  # rows can be frozen individually (masked op supports the layer)
-
-    @property
-    def num_rows(self) -> int:
-        return self.module.weight.shape[0]
-
-    @property
-    def frozen_rows(self) -> torch.Tensor | None:
-        return self.module._buffers.get(FROZEN_ROWS)
-
-    @property
-    def rows(self) -> torch.Tensor | None:
-        """Trainable rows: ``None`` when the whole layer trains, empty when all of it is frozen."""
-        if self.frozen_rows is None:
-            return None
-        trainable = self.module._buffers.get("trainable_rows")
-        if trainable is not None:
-            return trainable
-        return torch.empty(0, dtype=torch.long, device=self.frozen_rows.device)
-
-    def importance(self) -> torch.Tensor:
-        """Mean |w| per row (the paper's score)."""
-        weight = self.module.weight.detach()
-        return weight.abs().reshape(weight.shape[0], -1).mean(dim=1).float().cpu()
-
-    def describe(self) -> str:
-        rows = self.rows
-        trainable = self.num_rows if rows is None else int(rows.numel())
-        return f"{trainable}/{self.num_rows} rows train"
 
 
 class FreezeController:
@@ -112,17 +64,20 @@ class FreezeController:
 
     def __init__(self, model: nn.Module, config: FreezeConfig) -> None:
         self.config = config
-        self.layers = [FrozenLayer(name, module, _supports_partial(module)) for name, module in model.named_modules()
+        self.layers = [FrozenLayer(name, module, _supports_partial(module), holder_name=name)
+                       for name, module in model.named_modules()
                        if isinstance(module, QuantWeightMixin) and module.weight.requires_grad]
-        # weighted layers left in floating point: they train unless freeze.float_layers is "freeze"
-        self.float_layers = {name: module for name, module in model.named_modules()
-                             if isinstance(module, FLOAT_WEIGHTED) and not isinstance(module, QuantWeightMixin)
-                             and isinstance(getattr(module, "weight", None), nn.Parameter)
-                             and module.weight.requires_grad}
+        found, self.unmanaged = functional.find(model, {id(layer.weight) for layer in self.layers})
+        self.layers += [_functional_layer(entry) for entry in found]
+        managed = {id(layer.weight) for layer in self.layers}
+        # weights left in floating point (Conv/Linear layers, functional ops): they train unless
+        # freeze.float_layers is "freeze"
+        self.float_layers = {name: weight for name, weight in _float_weights(model).items()
+                             if id(weight) not in managed and weight.requires_grad}
         self.freezes_float = config.float_layers == "freeze"
         if self.freezes_float:
-            for module in self.float_layers.values():
-                module.weight.requires_grad_(False)
+            for weight in self.float_layers.values():
+                weight.requires_grad_(False)
         self.samples_since_refresh = 0
         self.refreshes = 0
         self.removed = False
@@ -178,10 +133,10 @@ class FreezeController:
         return selections
 
     def _apply(self, layer: FrozenLayer, selection: torch.Tensor | str) -> None:
-        module = layer.module
-        device = module.weight.device
-        scale = module.weight_quantizer.scale
-        learnable_scale = isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen
+        weight, holder, quantizer = layer.weight, layer.holder, layer.quantizer
+        device = weight.device
+        scale = quantizer.scale
+        learnable_scale = isinstance(scale, nn.Parameter) and not quantizer.range_frozen
         if isinstance(selection, str):
             trainable = None if selection == "all" else torch.empty(0, dtype=torch.long)
         else:
@@ -189,22 +144,22 @@ class FreezeController:
             if trainable.numel() == layer.num_rows:
                 trainable = None
         whole_layer_frozen = trainable is not None and trainable.numel() == 0
-        module.weight.requires_grad_(not whole_layer_frozen)  # LWPN: autograd skips the dW GEMM entirely
+        weight.requires_grad_(not whole_layer_frozen)  # LWPN: autograd skips the dW GEMM entirely
         if learnable_scale:
             scale.requires_grad_(not whole_layer_frozen)  # an LSQ scale gradient would need the weight GEMM
         # Masked ops only for a partial selection; a whole frozen layer needs none.
-        module.trainable_rows = None if trainable is None or whole_layer_frozen else trainable.to(device)
+        layer.set_rows(trainable, device)
         if trainable is None:
             for name in STATE_BUFFERS:
-                set_state_buffer(module, name, None)
+                set_state_buffer(holder, name, None)
             return
         frozen = torch.ones(layer.num_rows, dtype=torch.bool)
         frozen[trainable] = False
         frozen_rows = frozen.nonzero().flatten().to(device)
-        set_state_buffer(module, FROZEN_ROWS, frozen_rows)
-        set_state_buffer(module, WEIGHT_SNAPSHOT, module.weight.detach().index_select(0, frozen_rows).clone())
+        set_state_buffer(holder, FROZEN_ROWS, frozen_rows)
+        set_state_buffer(holder, WEIGHT_SNAPSHOT, weight.detach().index_select(layer.axis, frozen_rows).clone())
         per_row_scale = isinstance(scale, nn.Parameter) and scale.numel() == layer.num_rows
-        set_state_buffer(module, SCALE_SNAPSHOT,
+        set_state_buffer(holder, SCALE_SNAPSHOT,
                          scale.detach().index_select(0, frozen_rows).clone() if per_row_scale else None)
 
     # --------------------------------------------------------------- hooks
@@ -229,14 +184,15 @@ class FreezeController:
         """Put frozen rows back exactly as they were (called after every optimizer step)."""
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for layer in self.layers:
-            module = layer.module
-            frozen_rows = module._buffers.get(FROZEN_ROWS)
+            holder = layer.holder
+            frozen_rows = holder._buffers.get(FROZEN_ROWS)
             if frozen_rows is None or frozen_rows.numel() == 0:
                 continue
-            if id(module.weight) in params:
-                module.weight.index_copy_(0, frozen_rows, module._buffers[WEIGHT_SNAPSHOT])
-            scale_snapshot = module._buffers.get(SCALE_SNAPSHOT)
-            scale = module.weight_quantizer.scale
+            weight = layer.weight
+            if id(weight) in params:
+                weight.index_copy_(layer.axis, frozen_rows, holder._buffers[WEIGHT_SNAPSHOT])
+            scale_snapshot = holder._buffers.get(SCALE_SNAPSHOT)
+            scale = layer.quantizer.scale
             if scale_snapshot is not None and id(scale) in params:
                 scale.index_copy_(0, frozen_rows, scale_snapshot)
 
@@ -252,7 +208,13 @@ class FreezeController:
     def describe(self) -> dict[str, str]:
         floats = {name: "float, weights frozen" if self.freezes_float else "float, all rows train (freeze.float_layers)"
                   for name in self.float_layers}
-        return {**floats, **{layer.name: layer.describe() for layer in self.layers}}
+        return {**floats, **self.unmanaged, **{layer.name: layer.describe() for layer in self.layers}}
+
+    def describe_weight(self, quantizer_name: str) -> str | None:
+        """The frozen state of the functional weight whose quantizer is ``quantizer_name`` (the
+        summary's row of each op reading it: three for a packed in-projection read in slices)."""
+        return next((layer.describe() for layer in self.layers
+                     if layer.functional_quantizer is not None and layer.holder_name == quantizer_name), None)
 
     def __deepcopy__(self, memo: dict) -> FreezeController:
         """A copy bound to the copied model (its modules come from ``memo``) that restores its own
@@ -264,6 +226,13 @@ class FreezeController:
         _CONTROLLERS.add(clone)
         return clone
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled with its model (``torch.save(model)``): restores frozen rows like the original."""
+        self.__dict__.update(state)
+        if not self.removed:
+            _CONTROLLERS.add(self)
+            _install_global_hook()
+
     def remove(self) -> None:
         """Back to ordinary QAT: every row and every learnable weight scale trains, hooks removed."""
         self.removed = True  # a deep copy's hook has no handle here: this makes it a no-op
@@ -271,21 +240,43 @@ class FreezeController:
             self._hook.remove()
             self._hook = None
         for layer in self.layers:
-            module = layer.module
-            module.trainable_rows = None
-            module.weight.requires_grad_(True)
-            scale = module.weight_quantizer.scale
-            if isinstance(scale, nn.Parameter) and not module.weight_quantizer.range_frozen:
-                scale.requires_grad_(True)
+            layer.set_rows(None, layer.weight.device)
+            layer.weight.requires_grad_(True)
+            quantizer = layer.quantizer
+            if isinstance(quantizer.scale, nn.Parameter) and not quantizer.range_frozen:
+                quantizer.scale.requires_grad_(True)
             for name in STATE_BUFFERS:
-                set_state_buffer(module, name, None)
+                set_state_buffer(layer.holder, name, None)
+            for region in layer.regions:
+                functional.unrewrite(region)
         if self.freezes_float:
-            for module in self.float_layers.values():
-                module.weight.requires_grad_(True)
+            for weight in self.float_layers.values():
+                weight.requires_grad_(True)
         _CONTROLLERS.discard(self)
 
 
 FLOAT_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _float_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights of Conv/Linear layers left in floating point and of float functional ops, by name."""
+    weights = {name: module.weight for name, module in model.named_modules()
+               if isinstance(module, FLOAT_WEIGHTED) and not isinstance(module, QuantWeightMixin)
+               and isinstance(getattr(module, "weight", None), nn.Parameter)
+               and not isinstance(getattr(module, "weight_quantizer", None), nn.Module)}  # read functionally, quantized
+    weights.update(functional.float_weights(model))
+    return weights
+
+
+def _functional_layer(entry: functional.FunctionalWeight) -> FrozenLayer:
+    num_rows = getattr(entry.owner, entry.weight_name).shape[entry.axis]
+    slices = tuple(dict.fromkeys((site.rows_name(num_rows), site.start, site.stop) for site in entry.sites
+                                 if (site.start, site.stop) != (0, num_rows)))
+    regions = list({id(site.graph_module): site.graph_module for site in entry.sites}.values())
+    if entry.partial_ok:
+        functional.rewrite(entry)
+    return FrozenLayer(entry.name, entry.owner, entry.partial_ok, entry.weight_name, entry.axis, entry.quantizer,
+                       entry.quantizer_name, slices, regions if entry.partial_ok else [])
 
 
 def _network_importance(layer: FrozenLayer, kind: str) -> torch.Tensor:

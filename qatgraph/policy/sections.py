@@ -178,8 +178,9 @@ class FreezeConfig:
     #: layer, comparable across layers) or ``raw`` (the paper's mean |w|, which favours layers with
     #: large weights such as the first conv and the head)
     importance: Literal["layer_normalized", "raw"] = "layer_normalized"
-    #: Conv/Linear layers left in floating point (tiny, skipped): their weights ``train`` (the
-    #: summary says so) or are ``freeze``-d too (so LWPN 0 % trains no weight at all)
+    #: Conv/Linear layers and functional ops on parameters left in floating point (tiny, skipped):
+    #: their weights ``train`` (the summary says so) or are ``freeze``-d too (so LWPN 0 % trains no
+    #: weight at all)
     float_layers: Literal["train", "freeze"] = "train"
 
     def validate(self) -> None:

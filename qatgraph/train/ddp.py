@@ -50,7 +50,6 @@ from qatgraph.distributed import (
     unwrap,
     world_size,
 )
-from qatgraph.efqat.controller import STATE_BUFFERS
 from qatgraph.errors import DistributedError
 from qatgraph.quant.quantizer import FakeQuantizer
 
@@ -186,7 +185,7 @@ def _trainable_scales(model: nn.Module) -> list[nn.Parameter]:
 def _efqat_weights(model: nn.Module) -> list[nn.Parameter]:
     """The weights the model's EfQAT controller (``model.qatgraph_freeze``) may freeze or unfreeze."""
     controller = getattr(model, "qatgraph_freeze", None)
-    return [layer.module.weight for layer in getattr(controller, "layers", [])]
+    return [layer.weight for layer in getattr(controller, "layers", [])]
 
 
 def _may_skip_gradients(model: nn.Module) -> bool:
@@ -215,8 +214,7 @@ def _skip_efqat_state_in_buffer_broadcast(model: nn.Module) -> None:
     on every rank by construction (checked after every finetune epoch): broadcasting them each step
     would cost about as much traffic as the gradients, so DDP is told to leave them out."""
     controller = getattr(model, "qatgraph_freeze", None)
-    names = {f"{layer.name}.{buffer}" for layer in getattr(controller, "layers", [])
-             for buffer in ("trainable_rows", *STATE_BUFFERS)}
+    names = {name for layer in getattr(controller, "layers", []) for name in layer.buffer_names}
     if names:
         names |= set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
