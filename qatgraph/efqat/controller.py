@@ -226,13 +226,6 @@ class FreezeController:
         _CONTROLLERS.add(clone)
         return clone
 
-    def __setstate__(self, state: dict) -> None:
-        """Unpickled with its model (``torch.save(model)``): restores frozen rows like the original."""
-        self.__dict__.update(state)
-        if not self.removed:
-            _CONTROLLERS.add(self)
-            _install_global_hook()
-
     def remove(self) -> None:
         """Back to ordinary QAT: every row and every learnable weight scale trains, hooks removed."""
         self.removed = True  # a deep copy's hook has no handle here: this makes it a no-op

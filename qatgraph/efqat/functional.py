@@ -13,8 +13,8 @@ says so.
 
 Each op of a parameter that can be frozen row by row is rewritten in its graph from
 ``F.linear(x, w, b)`` to ``masked_call("linear", <weight quantizer>, "trainable_rows", x, w, b)``
-(the quantizer a ``get_attr`` node, so the call follows ``.to()``, ``deepcopy`` and pickling;
-under a symbolic trace, as when a pickled GraphModule is loaded, it stays one call): in
+(the quantizer a ``get_attr`` node, so the call follows ``.to()`` and ``deepcopy``; under a
+symbolic trace of the graph's code it stays one call): in
 training, with the quantizer's ``trainable_rows`` buffer set, that is ``qatgraph::masked_linear`` (``masked_conv``
 for a conv; ``masked_linear(x, w.t())`` for ``x @ w``), whose backward computes the weight
 gradient of the trainable rows only; otherwise (eval, no grad, the export's copy, all rows
@@ -54,7 +54,7 @@ def masked_call(name: str, quantizer: nn.Module, rows_name: str, *args, **kwargs
     """``FUNCTIONS[name](*args, **kwargs)`` (``F.linear``, ``F.conv1d/2d/3d`` or ``torch.matmul``
     with the weight second), computing the weight gradient of the quantizer's trainable rows only
     while training."""
-    if has_torch_function(args):  # fx tracing the graph's code (unpickling a GraphModule): stays one call
+    if has_torch_function(args):  # fx tracing the graph's code: stays one call
         return handle_torch_function(masked_call, args, name, quantizer, rows_name, *args, **kwargs)
     function = FUNCTIONS[name]
     rows = quantizer._buffers.get(rows_name) if quantizer.training and torch.is_grad_enabled() else None
