@@ -63,17 +63,22 @@ def images(batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def compile_calibrated(name: str) -> nn.Module:
+def policy_with(frontend: str) -> dict:
+    return {"preset": "tensorrt", "tracing": {"frontend": frontend}}
+
+
+def compile_calibrated(name: str, frontend: str = "fx") -> nn.Module:
     torch.manual_seed(0)
     model = ARCHITECTURES[name]().eval()
-    qmodel = qatgraph.compile(model, "tensorrt", example_inputs=(images(2, 0),))
+    qmodel = qatgraph.compile(model, policy_with(frontend), example_inputs=(images(2, 0),))
     qatgraph.calibrate(qmodel, [images(4, seed) for seed in (1, 2)], show_progress=False)
     return qmodel
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_compile_calibrate_export_lint_parity(name: str, tmp_path) -> None:
-    qmodel = compile_calibrated(name)
+def test_compile_calibrate_export_lint_parity(name: str, frontend: str, tmp_path) -> None:
+    qmodel = compile_calibrated(name, frontend)
     path = str(tmp_path / f"{name}.onnx")
     result = export_onnx(qmodel, path, images(2, 0))
     assert result.errors == [] and result.warnings == [], [(f.rule, f.node) for f in result.findings]
@@ -83,10 +88,13 @@ def test_compile_calibrate_export_lint_parity(name: str, tmp_path) -> None:
     assert not any(n.op_type in ("Einsum", "BatchNormalization") for n in nodes)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_every_weighted_op_is_in_the_summary(name: str) -> None:
+def test_every_weighted_op_is_in_the_summary(name: str, frontend: str) -> None:
+    """torch.export too: nn.MultiheadAttention's in-projection is an ATen linear on a parameter there."""
     model = ARCHITECTURES[name]().eval()
-    qmodel = qatgraph.compile(model, "tensorrt", example_inputs=(images(2, 0),))
+    qmodel = qatgraph.compile(model, policy_with(frontend), example_inputs=(images(2, 0),))
+    assert qmodel.trace_report.frontend == ("torch.export" if frontend == "export" else "torch.fx")
     rows = qatgraph.summary(qmodel, print_table=False).rows
     assert len(rows) == count_weighted_ops(model) == EXPECTED_WEIGHTED[name]
     assert all(row.status in ("INT", "FP") and row.reason for row in rows)

@@ -63,6 +63,12 @@ MODULE_TYPES: tuple[type, ...] = (
 TORCH_FUNCTIONS = {
     aten.add.Tensor: torch.add, aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm,
     aten.cat.default: torch.cat, aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
+    # Weighted ops on a parameter outside a module call (nn.MultiheadAttention's in-projection,
+    # F.linear in a user's forward): the functional forms the passes quantize (same arguments).
+    aten.linear.default: F.linear, aten.conv1d.default: F.conv1d, aten.conv2d.default: F.conv2d,
+    aten.conv3d.default: F.conv3d, aten.conv1d.padding: F.conv1d, aten.conv2d.padding: F.conv2d,
+    aten.conv3d.padding: F.conv3d, aten.conv_transpose1d.default: F.conv_transpose1d,
+    aten.conv_transpose2d.input: F.conv_transpose2d, aten.conv_transpose3d.input: F.conv_transpose3d,
     # Ops taking sizes: under the TorchScript tracer ``x.size(0)`` is a traced 0-d tensor, which the
     # Python-level functions accept (keeping the batch dynamic) and ATen overloads reject.
     aten.arange.default: torch.arange, aten.arange.start: torch.arange, aten.arange.start_step: torch.arange,
