@@ -17,7 +17,9 @@ traces all of it, but at the ATen level: ``aten.linear(x, weight, bias)``, no ``
   the module's own parameters becomes ``call_module`` again, so layers are quantized by module
   name, BN folds, and ``Dropout``/``BatchNorm`` follow ``train()``/``eval()`` at run time;
 * ATen ops the passes look for become their torch functions (``torch.add``, ``torch.matmul``,
-  ``torch.bmm``, ``torch.cat``, ``F.scaled_dot_product_attention``); ``aten.sym_size`` becomes
+  ``torch.bmm``, ``torch.cat``, ``F.scaled_dot_product_attention``; ``F.linear``/``F.conv*`` for a
+  linear/conv on a parameter outside a module call, e.g. ``nn.MultiheadAttention``'s
+  in-projection, which the passes quantize as a functional weight); ``aten.sym_size`` becomes
   ``x.size(dim)`` so exporters keep the batch dimension symbolic; inference-mode dropout
   (identity) and shape/metadata assertions are dropped; everything else stays an ATen call;
 * parameters and buffers keep their qualified names (a checkpoint of the model loads), and are
