@@ -186,15 +186,12 @@ def _compare_batch(qmodel, copy, probe, runner, batch, number, device, output_in
     _saturation(evidence, trained_calls)
     forced_ort, flips = None, []
     if copy is not None:
-        earlier = evidence.runtime.first_flip if evidence.runtime is not None else None
         if evidence.runtime is not None:
-            evidence.runtime.first_flip = None  # this batch's root flips, for the replay
-            evidence.runtime.flips = []
+            evidence.runtime.flips = []  # this batch's root flips, for the replay
         forced_ort = _compare_links(copy, args, trained_calls, reference, activations, probed_result, output_index,
                                     tolerances, evidence)
         if evidence.runtime is not None:
             flips = evidence.runtime.flips
-            evidence.runtime.first_flip = earlier or evidence.runtime.first_flip
     if reference.ndim == 2:
         _top1(evidence, reference, result, forced_ort, tolerances, probed_result)
     if flips and difference > evidence.worst_batch_diff:

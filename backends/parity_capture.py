@@ -213,8 +213,8 @@ class Differences:
     root_flips: int = 0
     root_flip_margin: float = 0.0              # the largest distance from a rounding tie among root flips
     first_far_flip: str | None = None          # the first quantizer with a root flip far from any tie
-    first_flip: tuple[str, int, int, float] | None = None  # (name, call, flat index, +-1 step): where it began
-    flips: list = field(default_factory=list)  # the root flips of one batch, as first_flip, up to REPLAYS
+    # the root flips of one batch, up to REPLAYS: (name, call, flat index, +-1 step)
+    flips: list = field(default_factory=list)
     forced_max_diff: float = 0.0               # |forced output - the other side's output|
     free_max_diff: float = 0.0                 # |export copy - this side| free-running, output
     matched: set = field(default_factory=set)
@@ -262,9 +262,6 @@ def compare_forced(found: Differences, forced_calls: Captures, other: dict[str, 
             found.first_far_flip = call.name
         for flat in np.flatnonzero(flipped.reshape(-1))[: max(REPLAYS - len(found.flips), 0)]:
             found.flips.append((call.name, index, int(flat), float(np.sign(difference.reshape(-1)[flat]))))
-        if found.first_flip is None:
-            flat = int(np.flatnonzero(flipped.reshape(-1))[0])
-            found.first_flip = (call.name, index, flat, float(np.sign(difference.reshape(-1)[flat])))
 
 
 @dataclass

@@ -187,3 +187,45 @@ def test_whole_pickled_model_saves_and_refuses_to_load_in_words(tmp_path) -> Non
     again.load_state_dict(qmodel.state_dict())
     with torch.no_grad():
         assert torch.equal(again.eval()(x), qmodel.eval()(x))
+
+
+class ScaledResidual(nn.Module):
+    """No parameter, a residual Add and a dropout: the Add must stay in the graph (quantized)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + F.dropout(y, 0.5, self.training)
+
+
+class ConstantInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * torch.tensor([2.0])
+
+
+def test_weightless_module_with_a_residual_add_stays_traced() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.join = nn.Linear(32, 32), ScaledResidual()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.join(x, self.fc(x))
+
+    x = torch.randn(8, 32)
+    qmodel = compiled(Block(), True, x)
+    assert not any(n.op == "call_module" and n.target == "join" for n in qmodel.graph.nodes)
+    [add] = [n for n in qmodel.graph.nodes if n.meta.get("qatgraph.residual") is not None]
+    assert add.name in quantized_edges(qmodel)["x"]
+    assert len(flag_calls(qmodel)) == 1 and qmodel.trace_report.mode_fixed == []
+
+
+def test_tensor_constants_made_in_forward_are_not_a_mode_difference() -> None:
+    model = ConstantInForward().train()
+    attributes = set(vars(model))
+    trace_module(model, Policy.from_any("tensorrt"))
+    assert set(vars(model)) - attributes == {"_tensor_constant0"}  # one constant, from the kept trace
+    qmodel = compiled(ConstantInForward(), True, torch.randn(4, 16))
+    assert qmodel.trace_report.mode_fixed == []

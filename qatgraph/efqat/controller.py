@@ -240,8 +240,8 @@ class FreezeController:
                 quantizer.scale.requires_grad_(True)
             for name in STATE_BUFFERS:
                 set_state_buffer(layer.holder, name, None)
-            for region in layer.regions:
-                functional.unrewrite(region)
+        for region in {id(r): r for layer in self.layers for r in layer.regions}.values():  # each graph once
+            functional.unrewrite(region)
         if self.freezes_float:
             for weight in self.float_layers.values():
                 weight.requires_grad_(True)

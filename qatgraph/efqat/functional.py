@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.overrides import handle_torch_function, has_torch_function
 
-from qatgraph.graph.queries import FUNCTIONAL_WEIGHTED, MATMUL_FUNCTIONS, MATMUL_METHODS
+from qatgraph.graph.queries import FUNCTIONAL_WEIGHTED, MATMUL_FUNCTIONS, MATMUL_METHODS, functional_weight_axis
 from qatgraph.ops.partial_grad import masked_conv, masked_linear
 from qatgraph.quant.quantizer import FakeQuantizer
 
@@ -124,11 +124,10 @@ def _weight_args(node: fx.Node) -> tuple:
 
 
 def _output_axis(function, weight: torch.Tensor) -> int:
-    if FUNCTIONAL_WEIGHTED.get(function) == "conv_transpose":
-        return 1
-    if function in MATMUL_FUNCTIONS:
-        return weight.dim() - 1
-    return 0
+    """The rows EfQAT ranks: the weight quantizer's axis (:func:`functional_weight_axis`), the last
+    axis of a batched matmul constant (quantized per tensor)."""
+    axis = functional_weight_axis(FUNCTIONAL_WEIGHTED.get(function, "matmul"), weight)
+    return weight.dim() - 1 if axis is None else axis
 
 
 def _partial_ok(function, node: fx.Node, weight: torch.Tensor) -> bool:

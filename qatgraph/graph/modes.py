@@ -6,10 +6,10 @@ traced in training mode would keep drawing dropout and stochastic-depth masks af
 :func:`trace_both_modes` traces a module in its own mode and in the other one and makes the graph
 follow the mode the way the original model does:
 
-* **leaf modules**: a module without parameters or buffers and without a weighted op
-  (Conv/Linear/matmul/attention) whose trace differs between the modes (torchvision's
-  ``StochasticDepth``, timm's ``DropPath``, a custom dropout) is not traced into: the graph calls
-  it (:func:`keeps_mode_as_leaf`, used by the tracer's ``is_leaf_module``);
+* **leaf modules**: a module without parameters or buffers and without anything the passes
+  quantize (Conv/Linear/matmul/attention, an Add of two tensors, a concatenation) whose trace
+  differs between the modes (torchvision's ``StochasticDepth``, timm's ``DropPath``, a custom
+  dropout) is not traced into: the graph calls it (:func:`keeps_mode_as_leaf`, used by the tracer's ``is_leaf_module``);
 * **training flags**: a call whose arguments differ between the two traces only in booleans that
   are ``True`` in training mode and ``False`` in eval mode (``F.dropout(x, p, self.training)``,
   ``F.batch_norm(..., self.training)``, an fx-wrapped ``stochastic_depth(x, p, self.training)``)
@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from .mode_call import TrainingFlagCall
-from .queries import weighted_kind
+from .queries import is_add, is_cat, weighted_kind
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +62,14 @@ def _has_weighted_op(gm: fx.GraphModule) -> bool:
             return True
         if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.MultiheadAttention):
             return True
-        if weighted_kind(gm, node) is not None:
-            return True
+        residual = is_add(node) and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2  # not `p + rand()`
+        if weighted_kind(gm, node) is not None or residual or is_cat(node):
+            return True  # what the passes quantize (a residual Add, a concat) must stay in the graph
     return False
 
 
 def keeps_mode_as_leaf(module: nn.Module, trace: Callable[[nn.Module], fx.Graph]) -> bool:
-    """True for a module with no parameter, no buffer and no weighted op whose trace (by
+    """True for a module with no parameter, no buffer and nothing to quantize whose trace (by
     ``trace``) differs between training and eval mode: the graph should call it, not inline one
     mode of it. A module that cannot be traced on its own is traced into as before."""
     if type(module).__module__.startswith("torch.nn") or next(module.parameters(), None) is not None or \
@@ -86,26 +89,47 @@ def keeps_mode_as_leaf(module: nn.Module, trace: Callable[[nn.Module], fx.Graph]
     return graphs[0] != graphs[1]
 
 
-def trace_both_modes(module: nn.Module, trace: Callable[[], fx.Graph]) -> tuple[fx.Graph, fx.Graph | None]:
-    """``trace()`` in the module's mode, and in the other one (None if that trace fails)."""
+@dataclass
+class OtherMode:
+    """The same module traced in the other mode: its graph and the tensor constants that trace
+    made (``_tensor_constant<i>``, by name: the same names as the first trace's)."""
+
+    graph: fx.Graph
+    constants: dict[str, object]
+
+
+def trace_both_modes(module: nn.Module, trace: Callable[[], fx.Graph]) -> tuple[fx.Graph, OtherMode | None]:
+    """``trace()`` in the module's mode, and in the other one (None if that trace fails). Tensor
+    constants torch.fx stores on ``module`` while tracing stay only from the first trace."""
+    before = set(vars(module))
     graph = trace()
+    first = {name: vars(module)[name] for name in set(vars(module)) - before}
+    for name in first:  # the second trace then names its constants as the first did
+        delattr(module, name)
     try:
         with _ModeFlipped(module, not module.training):
             other = trace()
     except Exception as exc:  # noqa: BLE001 - the model's own mode traced; nothing to compare
         log.debug("qatgraph: tracing %s in the other mode failed: %s", type(module).__name__, exc)
-        return graph, None
-    return graph, other
+        other = None
+    finally:
+        second = {name: vars(module)[name] for name in set(vars(module)) - before - set(first)}
+        second.update({name: getattr(module, name) for name in first if name in vars(module)})
+        for name in second:
+            delattr(module, name)
+        for name, value in first.items():
+            setattr(module, name, value)
+    return graph, None if other is None else OtherMode(other, second)
 
 
-def follow_training_flags(gm: fx.GraphModule, other: fx.Graph | None, training: bool) -> list[str]:
+def follow_training_flags(gm: fx.GraphModule, other: OtherMode | None, training: bool) -> list[str]:
     """Rewrite ``gm`` (traced in mode ``training``) against ``other`` (the same module traced in
     the other mode): calls that differ only in training-flag booleans become
     :class:`TrainingFlagCall` submodules. Returns the modules whose code still differs (from the
     nodes' ``nn_module_stack``), or ``["<whole graph>"]`` when the graphs do not line up."""
     if other is None:
         return []
-    nodes, others = list(gm.graph.nodes), list(other.nodes)
+    nodes, others = list(gm.graph.nodes), list(other.graph.nodes)
     if len(nodes) != len(others):
         return _differing_modules(nodes, others)
     fixed: list[str] = []
@@ -113,6 +137,9 @@ def follow_training_flags(gm: fx.GraphModule, other: fx.Graph | None, training: 
     for node, twin in zip(nodes, others):
         if (node.op, node.target, node.name) != (twin.op, twin.target, twin.name):
             return _differing_modules(nodes, others)
+        if node.op == "get_attr" and not _same_constant(gm, node, other):
+            fixed.append(_owner(node))
+            continue
         if _named(node) == _named(twin):
             continue
         flags = _flag_positions(node, twin, training)
@@ -127,6 +154,17 @@ def follow_training_flags(gm: fx.GraphModule, other: fx.Graph | None, training: 
     if rewrites:
         gm.recompile()
     return sorted(set(fixed))
+
+
+def _same_constant(gm: fx.GraphModule, node: fx.Node, other: OtherMode) -> bool:
+    """A tensor constant the other trace made holds the same value (parameters and buffers are
+    shared by both traces)."""
+    theirs = other.constants.get(str(node.target))
+    if theirs is None:
+        return True
+    mine = getattr(gm, str(node.target), None)
+    return isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) and mine.shape == theirs.shape and \
+        mine.dtype == theirs.dtype and torch.equal(mine, theirs)
 
 
 def _flag_positions(node: fx.Node, twin: fx.Node, training: bool) -> tuple[int | str, ...] | None:

@@ -121,11 +121,13 @@ class QatTracer(fx.Tracer):
 
 
 def trace_module(module: nn.Module, policy: Policy, prefix: str = "",
-                 concrete_args: dict[str, Any] | None = None, report: TraceReport | None = None) -> fx.GraphModule:
+                 concrete_args: dict[str, Any] | None = None, report: TraceReport | None = None,
+                 mode_leaves: dict[int, bool] | None = None) -> fx.GraphModule:
     """``module`` traced (in its own mode and the other one: qatgraph/graph/modes.py), with calls
     on a training flag following ``train()``/``eval()``; what still keeps the mode of the trace is
-    listed in ``report.mode_fixed``."""
-    mode_leaves: dict[int, bool] = {}
+    listed in ``report.mode_fixed``. ``mode_leaves`` caches which weightless modules stay calls
+    (:func:`.modes.keeps_mode_as_leaf`) across the calls of one compile."""
+    mode_leaves = {} if mode_leaves is None else mode_leaves
     tracer = QatTracer(policy.tracing.leaf_modules, prefix, mode_leaves)
     graph, other = trace_both_modes(module, lambda: tracer.trace(module, concrete_args=concrete_args or None))
     if isinstance(module, nn.Sequential):
@@ -156,23 +158,25 @@ def _drop_string_annotations(graph_module: fx.GraphModule) -> None:
         graph_module.recompile()
 
 
-def trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport) -> None:
+def trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport,
+                   mode_leaves: dict[int, bool] | None = None) -> None:
     """Replace each traceable child of ``module`` (recursively) by its GraphModule."""
-    tracer_for_leaves = QatTracer(policy.tracing.leaf_modules, prefix)
+    mode_leaves = {} if mode_leaves is None else mode_leaves
+    tracer_for_leaves = QatTracer(policy.tracing.leaf_modules, prefix, mode_leaves)
     for child_name, child in list(module.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
         if not _has_quantizable(child):
             continue
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and child_name not in policy.tracing.leaf_modules:
-            trace_children(child, name, policy, report)  # containers have no forward of their own
+            trace_children(child, name, policy, report, mode_leaves)  # containers have no forward of their own
             continue
         if tracer_for_leaves.is_leaf_module(child, child_name):
             continue
         try:
-            traced = trace_module(child, policy, name, report=report)
+            traced = trace_module(child, policy, name, report=report, mode_leaves=mode_leaves)
         except Exception as exc:
             report.untraced.append(describe_failure(exc, child, name))
-            trace_children(child, name, policy, report)
+            trace_children(child, name, policy, report, mode_leaves)
             continue
         setattr(module, child_name, traced)
         report.traced.append(name)

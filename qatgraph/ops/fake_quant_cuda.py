@@ -5,13 +5,13 @@ formula, as on the CPU (``round_half_even(x / scale)`` in fp32, an IEEE division
 ``[qmin - zp, qmax - zp]``, times ``scale``); the straight-through gradient is 1 where the rounded
 value lies in the range (ATen's mask). The ``aten`` backend multiplies by ``1 / scale`` instead
 (ATen's formula): values within an ulp of a rounding tie get the other integer than ONNX Runtime
-gives them, which is why it is opt-in. So a bf16 activation lands on exactly the integers its fp32 value would, the output keeps
-the input's dtype and memory layout, and no fp32 copy of an activation is ever made. What the
+gives them, which is why it is opt-in. Either way a bf16 activation lands on exactly the integers
+its fp32 value would, the output keeps the input's dtype and memory layout, and no fp32 copy of an activation is ever made. What the
 backward keeps is a one-byte mask (fixed scales) or nothing but the input it already needs
 (learnable scales, where the gradient is recomputed from ``x``).
 
-Two implementations, both fused, picked per dtype by :data:`PREFERRED` and overridable with ``QATGRAPH_CUDA_FAKE_QUANT=triton|aten`` (read once per process)
-or :func:`force_backend`:
+Two implementations, both fused, picked per dtype by :data:`PREFERRED` and overridable with
+``QATGRAPH_CUDA_FAKE_QUANT=triton|aten`` (read once per process) or :func:`force_backend`:
 
 * ``triton``: :mod:`qatgraph.kernels.fake_quant_triton` (forward writes output + mask in one pass,
   backward reads gradient + mask in one pass; NaN stays NaN, as on the CPU);

@@ -11,7 +11,7 @@ learnable), plus ``enabled`` and ``calibrated`` flags, so everything survives ``
 Equivalent implementations of the fake-quant, picked per call (same integers, same gradient):
 
 * eager, CUDA, fp32/bf16/fp16: one fused kernel per direction (:mod:`qatgraph.ops.fake_quant_cuda`:
-  Triton, or ATen's cachemask kernels where they measured faster), computed in fp32 registers and
+  Triton by default, ATen's cachemask kernels with ``QATGRAPH_CUDA_FAKE_QUANT=aten``), computed in fp32 registers and
   returned in the input's dtype, with no upcast copy of the activation; learnable scales too;
 * eager, CPU, float32: qatgraph's CPU kernel (:mod:`qatgraph.ops.fake_quant_cpu`);
 * under ``torch.compile``, per-tensor quantizers: plain tensor arithmetic wrapped in an autograd
@@ -25,7 +25,9 @@ Equivalent implementations of the fake-quant, picked per call (same integers, sa
 Low-precision semantics, the same on every path: ``fake_quantize(x.float()).to(x.dtype)``. The
 rounding is ONNX QuantizeLinear's, ``round_half_even(x / scale)`` with an IEEE float32 division (what
 ONNX Runtime computes), on every path but the opt-in ``aten`` CUDA backend, which multiplies by
-``1 / scale`` as ATen does and so rounds values within an ulp of a tie the other way.
+``1 / scale`` as ATen does and so rounds values within an ulp of a tie the other way, and compiled
+graphs on CUDA, where Inductor emits Triton's approximate fp32 division unless
+``TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1``.
 """
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ def fake_quantize_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
     # Same arithmetic as the eager kernels and ONNX QuantizeLinear (divide by the scale, round,
     # then shift by the zero point), so eager float32, bf16 and compiled graphs agree bit for bit,
-    # ties included, and with ONNX Runtime.
+    # ties included, and with ONNX Runtime (compiled on CUDA: with Inductor's IEEE division, see the
+    # module docstring).
     x32 = x.float()
     zero_point = zero_point.to(torch.float32)
     scaled = x32 / scale
