@@ -190,6 +190,30 @@ def test_compiled_mask_form_rounds_as_onnx_bit_for_bit(symmetric: bool) -> None:
     assert torch.equal(x_ours.grad, grad * mask)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_inductor_on_cuda_rounds_as_onnx_with_ieee_division() -> None:
+    """Inductor lowers an fp32 division to Triton's approximate one unless
+    ``eager_numerics.division_rounding`` (``TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1``) is on; with
+    it, compiled CUDA fake-quant gives ONNX QuantizeLinear's bits, near-ties included (README)."""
+    from torch._inductor import config as inductor_config
+
+    spec = qatgraph.QuantSpec(bits=8)
+    quantizer = qatgraph.FakeQuantizer(spec, name="cuda", compiled_form="mask")
+    quantizer.set_range(torch.tensor(-1.3), torch.tensor(1.9))
+    scale = quantizer.scale.detach()
+    ties = torch.arange(-130, 130).float() + 0.5
+    codes = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1),
+                       torch.randn(100_000, generator=torch.Generator().manual_seed(3)) * 60])
+    x = codes * scale
+    expected, _ = quantize_linear(x, scale, quantizer.zero_point, spec.qmin, spec.qmax)
+    if not hasattr(getattr(inductor_config, "eager_numerics", None), "division_rounding"):
+        pytest.skip(f"torch {torch.__version__}'s Inductor has no eager_numerics.division_rounding option")
+    with inductor_config.patch({"eager_numerics.division_rounding": True}):
+        actual = torch.compile(quantizer.cuda(), backend="inductor", fullgraph=True)(x.cuda())
+    assert torch.equal(actual.cpu(), expected), f"{(actual.cpu() != expected).sum()} of {x.numel()} differ"
+
+
 def test_compiled_mask_form_keeps_low_precision_dtype() -> None:
     quantizer = qatgraph.FakeQuantizer(qatgraph.QuantSpec(bits=8), name="bf16", compiled_form="mask")
     quantizer.set_range(torch.tensor(-1.0), torch.tensor(1.0))
