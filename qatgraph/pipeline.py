@@ -25,9 +25,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qatgraph.graph.annotations import op_annotation
 from qatgraph.graph.build import build_graph
-from qatgraph.graph.folding import fold_eager_batchnorm
 from qatgraph.graph.reload import mark_compiled
-from qatgraph.graph.sharing import eager_residual_adds, float_run, share_input_quantizers
+from qatgraph.graph.sharing import analyse_untraced
 from qatgraph.passes import (
     annotate,
     attention,
@@ -104,14 +103,9 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     decisions += _quantize_eager_layers(root, regions, policy, report)
     if not report.fully_traced or report.eager_layers:  # untraced code, or leaf modules' layers
         if example_args is not None or example_kwargs:
-            report.shared_quantizers = share_input_quantizers(root, example_args or (), example_kwargs)
-            report.eager_adds = eager_residual_adds(root, example_args or (), example_kwargs)
-            if policy.bn == "fold":  # as the fuse pass does in the graphs
-                with float_run(root):
-                    report.eager_folded = fold_eager_batchnorm(root, example_args or (), example_kwargs)
+            analyse_untraced(root, report, policy.bn == "fold", example_args or (), example_kwargs)
         else:
-            report.frontend_notes.append("quantizers of untraced code not shared: without example_inputs a tensor "
-                                         "read by several module-wise layers gets one quantizer per reader")
+            report.untraced_pending = True  # qatgraph.calibrate runs it on its first batch
     policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
     root.train(was_training)
     info = CompileInfo(policy=policy, trace_report=report, layers=decisions)

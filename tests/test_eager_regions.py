@@ -120,3 +120,41 @@ def test_bn_fold_policy_folds_untraced_batchnorm_at_compile(tmp_path) -> None:
             if isinstance(quantizer, qatgraph.FakeQuantizer):
                 quantizer.disable()
         torch.testing.assert_close(qmodel(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_without_example_inputs_the_first_calibration_batch_shares_the_quantizers(tmp_path) -> None:
+    qmodel = qatgraph.compile(EagerAttention(), FX)
+    assert qmodel.trace_report.untraced_pending and qmodel.q.input_quantizer is not qmodel.k.input_quantizer
+    assert "happen at the first batch of qatgraph.calibrate" in qmodel.trace_report.describe()
+    data = iter([torch.randn(4, 8, 32), torch.randn(4, 8, 32)])  # a one-shot iterator: no batch may be lost
+    ranges = qatgraph.calibrate(qmodel, data, show_progress=False)
+    assert qmodel.q.input_quantizer is qmodel.k.input_quantizer is qmodel.v.input_quantizer
+    assert not qmodel.trace_report.untraced_pending and "first batch" not in qmodel.trace_report.describe()
+    assert "k.input_quantizer" not in ranges and "q.input_quantizer" in ranges  # shared before ranges were collected
+    reference = qatgraph.compile(EagerAttention(), FX, example_inputs=(torch.randn(2, 8, 32),))
+    reference.load_state_dict(qmodel.state_dict())  # the same keys as a compile with example inputs
+    x = torch.randn(2, 8, 32)
+    path = str(tmp_path / "m.onnx")
+    result = export_onnx(qmodel, path, x)
+    assert "tensor-quantized-twice" not in {f.rule for f in result.findings}
+    assert check_parity(qmodel, path, [torch.randn(3, 8, 32)]).passed
+
+
+def test_without_example_inputs_bn_fold_happens_at_the_first_calibration_batch() -> None:
+    model = EagerConvBN(reuse=False).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    qmodel = qatgraph.compile(model, {"preset": "tensorrt", "bn": "fold", "tracing": {"frontend": "fx"}})
+    x = torch.randn(4, 16, 8, 8)
+    qatgraph.calibrate(qmodel, [(x, 0)], input_fn=lambda batch: batch[0], show_progress=False)
+    assert qmodel.trace_report.eager_folded == ["bn"] and isinstance(qmodel.bn, nn.Identity)
+    with torch.no_grad(), qatgraph.graph.sharing.float_run(qmodel):
+        torch.testing.assert_close(qmodel(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_first_batch_is_named_before_the_untraced_code_runs() -> None:
+    qmodel = qatgraph.compile(EagerAttention(), FX)
+    with pytest.raises(QatgraphError, match="calibration batch 1 .* failed"):
+        qatgraph.calibrate(qmodel, [torch.randn(4, 8, 7)], show_progress=False)
+    assert qmodel.trace_report.untraced_pending

@@ -16,6 +16,10 @@ fuses the Add into it in INT8) is a graph rewrite: an Add written in untraced Py
 a quantizer. :func:`eager_residual_adds` finds such Adds on the example run so that the trace
 report (and ``qatgraph.summary``) names their source lines and the fix (make that forward
 traceable) instead of leaving them to a lint warning.
+
+Both need one run of the model. :func:`analyse_untraced` does them (and the fold of BatchNorms
+in untraced code, ``bn: fold``) on compile's ``example_inputs``; without them, on the first batch
+of ``qatgraph.calibrate`` (``TraceReport.untraced_pending``), before any range is collected.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from torch import fx, nn
 from qatgraph.quant.qmodules import op_kind
 from qatgraph.quant.quantizer import FakeQuantizer
 
+from .folding import fold_eager_batchnorm
 from .queries import BATCHNORM_TYPES
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,18 @@ def share_input_quantizers(model: nn.Module, args: tuple, kwargs: dict[str, Any]
         log.info("qatgraph: %d quantizer(s) share another's tensor: %s", len(shared),
                  ", ".join(f"{a} -> {b}" for a, b in shared))
     return shared
+
+
+def analyse_untraced(model: nn.Module, report: Any, fold: bool, args: tuple,
+                     kwargs: dict[str, Any] | None = None) -> None:
+    """Run the untraced code once on ``args``/``kwargs``: one quantizer per tensor, the residual
+    Adds it hides and (``fold``) its Conv-BN folds, recorded on the ``TraceReport`` ``report``."""
+    report.shared_quantizers = share_input_quantizers(model, args, kwargs)
+    report.eager_adds = eager_residual_adds(model, args, kwargs)
+    if fold:  # as the fuse pass does in the graphs
+        with float_run(model):
+            report.eager_folded = fold_eager_batchnorm(model, args, kwargs)
+    report.untraced_pending = False
 
 
 @contextmanager

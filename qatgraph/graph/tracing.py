@@ -61,6 +61,7 @@ class TraceReport:
     eager_folded: list[str] = field(default_factory=list)  # BNs in untraced code folded at compile (bn: fold)
     mode_fixed: list[str] = field(default_factory=list)  # modules whose graph keeps the mode of compile
     mode_note: str = ""  # "traced in training mode" / "traced in eval mode"
+    untraced_pending: bool = False  # untraced code not yet run: sharing/folding wait for the first calibration batch
 
     @property
     def fully_traced(self) -> bool:
@@ -78,11 +79,14 @@ class TraceReport:
             lines.append("  one quantizer per tensor: " + ", ".join(f"{a} is {b}" for a, b in self.shared_quantizers))
         if self.eager_folded:
             lines.append("  BatchNorm folded in untraced code (bn: fold): " + ", ".join(self.eager_folded))
+        if self.untraced_pending:
+            lines.append("  untraced code not run yet (compile got no example_inputs): one quantizer per tensor, the "
+                         "BatchNorm fold (bn: fold) and the residual-Add check happen at the first batch of "
+                         "qatgraph.calibrate")
         if self.eager_adds:
             lines.append("  residual rule not applied to Adds in untraced code (their skip input stays in float, no "
                          "INT8 Add fusion; make that forward traceable to get it): " + "; ".join(self.eager_adds))
         return "\n".join(lines) + notes
-
 
     def _mode_notes(self) -> list[str]:
         if not self.mode_fixed:

@@ -4,6 +4,10 @@ Refuses, in one paragraph each: a model that was never compiled (it has no quant
 that do not fit ``forward`` (e.g. ``(inputs, labels)`` pairs without ``input_fn``), and a batch the
 model fails on (wrong shape), naming the batch and what it held. Warns when the data held fewer
 batches than ``num_batches`` asked for.
+
+A model that ``compile`` traced only in part, without ``example_inputs``, has its untraced code
+analysed on the first batch, before any range is collected
+(:func:`~qatgraph.graph.sharing.analyse_untraced`: one quantizer per tensor, Conv-BN folds).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from torch import nn
 
 from qatgraph.distributed import all_reduce, gather_failures, is_main_process, unwrap
 from qatgraph.errors import CalibrationError, QatgraphError, UsageError, plural, warn
+from qatgraph.graph.sharing import analyse_untraced
 from qatgraph.progress import progress
 
 from .calibration_merge import merge_across_processes
@@ -80,6 +85,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         raise CalibrationError(f"num_batches={num_batches}: use a positive number of batches (or None for all)")
     model = unwrap(model)
     check_compiled(model, "qatgraph.calibrate")
+    report = getattr(model, "trace_report", None)
+    if report is not None and report.untraced_pending:  # compile got no example_inputs
+        batches = _analyse_on_first_batch(model, report, batches, input_fn)
     quantizers = [(n, q) for n, q in iter_quantizers(model) if q.is_enabled]
     activations = [(n, q) for n, q in quantizers if not q.is_weight]
     for name, quantizer in quantizers:
@@ -112,6 +120,46 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     if is_main_process():
         log.info("qatgraph.calibrate: %d activation quantizers calibrated from %d batches", len(activations), seen)
     return {name: float(q.amax().max()) for name, q in activations}
+
+
+def _analyse_on_first_batch(model: nn.Module, report: Any, batches: Iterable[Any],
+                            input_fn: Callable[[Any], Any] | None) -> Iterable[Any]:
+    """Run compile's analysis of untraced code (:func:`~qatgraph.graph.sharing.analyse_untraced`)
+    on the first batch; returns ``batches`` with that batch still first."""
+    total = _length(batches)
+    stream = iter(batches)
+    try:
+        first = next(stream)
+    except StopIteration:
+        return []
+    batch = _to_device(input_fn(first) if input_fn is not None else first, model_device(model))
+    _check_fits(model, batch, 1, input_fn is not None)
+    args, kwargs = (((), batch) if isinstance(batch, dict) else
+                    (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {}))
+    policy = getattr(getattr(model, "qatgraph_info", None), "policy", None)
+    try:
+        analyse_untraced(model, report, getattr(policy, "bn", None) == "fold", args, kwargs)
+    except QatgraphError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise _failed(batch, 1, exc) from exc
+    log.info("qatgraph.calibrate: untraced code analysed on the first batch (%d quantizers shared, %d BatchNorms "
+             "folded)", len(report.shared_quantizers), len(report.eager_folded))
+    rest = itertools.chain([first], stream)
+    return _Sized(rest, total) if total is not None else rest
+
+
+class _Sized:
+    """An iterator that still tells its length (for the progress bar)."""
+
+    def __init__(self, stream: Iterable[Any], length: int) -> None:
+        self.stream, self.length = stream, length
+
+    def __iter__(self):  # noqa: ANN204 - an iterator
+        return iter(self.stream)
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def _collect(model: nn.Module, batches: Iterable[Any], num_batches: int | None,
@@ -169,20 +217,28 @@ def _forward_accepts(model: nn.Module, batch: Any) -> str | None:
 
 def run_checked(model: nn.Module, batch: Any, device: torch.device | None, index: int, mapped: bool) -> Any:
     """:func:`run_batch` with a one-paragraph error naming the batch when it does not fit the model."""
-    mismatch = _forward_accepts(model, batch)
-    if mismatch is not None:
-        hint = " If the batches are (inputs, labels) pairs, pass input_fn=lambda batch: batch[0]." \
-            if isinstance(batch, (tuple, list)) and not mapped else " Map each item to forward's arguments with input_fn."
-        raise CalibrationError(f"calibration batch {index} is {_describe(batch)}, but {mismatch}.{hint}")
+    _check_fits(model, batch, index, mapped)
     try:
         return run_batch(model, batch, device)
     except QatgraphError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CalibrationError(f"running the model on calibration batch {index} ({_describe(batch)}) failed: "
-                               f"{type(exc).__name__}: {first_line}. Check that the batches have the shape and "
-                               "dtype the model was compiled for (its example_inputs).") from exc
+        raise _failed(batch, index, exc) from exc
+
+
+def _check_fits(model: nn.Module, batch: Any, index: int, mapped: bool) -> None:
+    mismatch = _forward_accepts(model, batch)
+    if mismatch is not None:
+        hint = " If the batches are (inputs, labels) pairs, pass input_fn=lambda batch: batch[0]." \
+            if isinstance(batch, (tuple, list)) and not mapped else " Map each item to forward's arguments with input_fn."
+        raise CalibrationError(f"calibration batch {index} is {_describe(batch)}, but {mismatch}.{hint}")
+
+
+def _failed(batch: Any, index: int, exc: Exception) -> CalibrationError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CalibrationError(f"running the model on calibration batch {index} ({_describe(batch)}) failed: "
+                            f"{type(exc).__name__}: {first_line}. Check that the batches have the shape and dtype "
+                            "the model was compiled for (its example_inputs).")
 
 
 def _recalibrate_weight(model: nn.Module, name: str, quantizer: FakeQuantizer) -> None:
