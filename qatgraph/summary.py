@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qatgraph.efqat.functional import display_name_of_quantizer
 from qatgraph.quant.quantizer import FakeQuantizer
 
 from .info import LayerDecision, compile_info
@@ -78,11 +79,13 @@ def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
 
 def _frozen(controller, frozen: dict[str, str], decision: LayerDecision) -> str:
     """The EfQAT state of a layer; a functional op's is that of the parameter it reads (found by
-    its weight quantizer: the ops of a packed in-projection read in slices share one)."""
-    if controller is not None and decision.functional_weight_quantizer is not None and decision.quantized:
-        state = controller.describe_weight(decision.functional_weight_quantizer)
+    its weight quantizer's path: the ops of a packed in-projection read in slices share one)."""
+    path = decision.functional_weight_quantizer
+    if controller is not None and path is not None:
+        state = controller.describe_weight(path) if decision.quantized else None
         if state is not None:
             return state
+        return frozen.get(display_name_of_quantizer(path), frozen.get(decision.layer, ""))
     return frozen.get(decision.layer, "")
 
 

@@ -222,6 +222,13 @@ def float_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return weights
 
 
+def display_name_of_quantizer(quantizer_path: str) -> str:
+    """The summary's name of the parameter whose weight quantizer would sit at ``quantizer_path``
+    (:func:`~qatgraph.graph.annotations.weight_quantizer_path`), quantized or not."""
+    owner, _, local = quantizer_path.rpartition(".")
+    return _display_name(owner, "weight" if local == "weight_quantizer" else local.removesuffix("_quantizer"))
+
+
 def _display_name(owner_name: str, weight_name: str) -> str:
     """The summary's name of a functional op on a parameter: ``qkv`` for ``qkv.weight``,
     ``self_attn.in_proj`` for ``self_attn.in_proj_weight``."""

@@ -178,10 +178,15 @@ def test_float_functional_weights_train_or_freeze_with_float_layers(float_layers
     assert "layers.1.self_attention.in_proj" in functional_layers(qmodel)
     assert qmodel.get_submodule("layers.0.self_attention").in_proj_weight.requires_grad == (float_layers == "train")
     rows = {row.layer: row.frozen for row in qatgraph.summary(qmodel, print_table=False).rows}
-    assert rows["layers.0.self_attention.in_proj"] == ("float, weights frozen" if float_layers == "freeze"
-                                                       else "float, all rows train (freeze.float_layers)")
+    state = "float, weights frozen" if float_layers == "freeze" else "float, all rows train (freeze.float_layers)"
+    assert rows["layers.0.self_attention.in_proj"] == state
     swin, _ = compile_case("swin_f_linear", {"mode": "lwpn", "ratio": 0.0, "float_layers": "freeze"})
     assert not any(".attn." in name for name in swin.qatgraph_freeze.float_layers)
+    # a float packed in-projection read in three slices: each slice's row names the weight's state
+    sliced, _ = compile_case("mha_packed_slices", {"mode": "lwpn", "ratio": 0.0, "float_layers": float_layers},
+                             overrides=[{"regex": r"attn_[qkv]_proj", "skip": True}])
+    rows = {row.layer: row.frozen for row in qatgraph.summary(sliced, print_table=False).rows}
+    assert [rows[f"attn_{role}_proj"] for role in "qkv"] == [state] * 3
 
 
 def test_state_dict_keys_unchanged_and_calibration_refreshes_functional_scales():
