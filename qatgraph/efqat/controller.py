@@ -262,7 +262,7 @@ def _float_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _functional_layer(entry: functional.FunctionalWeight) -> FrozenLayer:
-    num_rows = getattr(entry.owner, entry.weight_name).shape[entry.axis]
+    num_rows = entry.num_rows
     slices = tuple(dict.fromkeys((site.rows_name(num_rows), site.start, site.stop) for site in entry.sites
                                  if (site.start, site.stop) != (0, num_rows)))
     regions = list({id(site.graph_module): site.graph_module for site in entry.sites}.values())

@@ -107,6 +107,11 @@ class FunctionalWeight:
     def partial_ok(self) -> bool:
         return all(site.partial_ok for site in self.sites)
 
+    @property
+    def num_rows(self) -> int:
+        """Rows EfQAT ranks: the parameter's size on ``axis``."""
+        return getattr(self.owner, self.weight_name).shape[self.axis]
+
 
 def _function_of(node: fx.Node) -> object | None:
     if node.op == "call_method" and node.target in MATMUL_METHODS:
@@ -260,7 +265,7 @@ def _site(region: fx.GraphModule, quantized: fx.Node, user: fx.Node, weight: tor
 
 def rewrite(functional: FunctionalWeight) -> None:
     """Route every op of a partially freezable parameter through :func:`masked_call`."""
-    num_rows = getattr(functional.owner, functional.weight_name).shape[functional.axis]
+    num_rows = functional.num_rows
     regions = {}
     for site in functional.sites:
         node, region = site.node, site.graph_module
