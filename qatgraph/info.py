@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 from torch import nn
@@ -33,6 +33,17 @@ class LayerDecision:
         if self.functional_weight_quantizer is not None:
             return self.functional_weight_quantizer if self.quantized else None
         return f"{self.layer}.weight_quantizer" if self.quantized and self.kind != "matmul" else None
+
+    @classmethod
+    def untraced(cls, op: Any) -> LayerDecision:
+        """The float row of a weighted op untraced code runs on a parameter
+        (:class:`~qatgraph.graph.eager_ops.EagerWeightedOp`); its weight quantizer path names the
+        parameter, as a functional op's does, so the summary finds its EfQAT state."""
+        from qatgraph.graph.annotations import weight_quantizer_path
+
+        type_name = "MultiheadAttention" if op.kind == "attention" else op.function
+        return cls(op.name, op.kind, type_name, False, op.reason, eager=True,
+                   functional_weight_quantizer=weight_quantizer_path(op.parameters[0]))
 
     @classmethod
     def from_annotation(cls, annotation: OpAnnotation, region: fx.GraphModule, node: fx.Node) -> LayerDecision:

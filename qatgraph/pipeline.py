@@ -39,6 +39,7 @@ from qatgraph.passes import (
     skip,
 )
 from qatgraph.policy import Policy
+from qatgraph.quant.calibrate import register_first_batch_hook
 from qatgraph.quant.qmodules import op_kind, quantize_module
 from qatgraph.quant.quantizer import FakeQuantizer
 from qatgraph.quant.state_checks import install_state_checks
@@ -104,6 +105,7 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     if not report.fully_traced or report.eager_layers:  # untraced code, or leaf modules' layers
         if example_args is not None or example_kwargs:
             analyse_untraced(root, report, policy.bn == "fold", example_args or (), example_kwargs)
+            decisions += [LayerDecision.untraced(op) for op in report.eager_weighted]
         else:
             report.untraced_pending = True  # qatgraph.calibrate runs it on its first batch
     policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
@@ -119,6 +121,28 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
         warn("qatgraph.compile quantized no layer: the model has no Conv/ConvTranspose/Linear/matmul that the policy "
              "quantizes (see qatgraph.summary for why each was skipped). The model is returned unchanged in function.")
     return root
+
+
+def _untraced_pending(model: nn.Module) -> bool:
+    report = getattr(model, "trace_report", None)
+    return report is not None and report.untraced_pending
+
+
+def _analyse_untraced_on_first_batch(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """What compile does with ``example_inputs`` for untraced code, done by ``qatgraph.calibrate``
+    on its first batch when compile had none."""
+    report, info = model.trace_report, model.qatgraph_info
+    analyse_untraced(model, report, info.policy.bn == "fold", args, kwargs)
+    info.layers += [LayerDecision.untraced(op) for op in report.eager_weighted]
+    controller = getattr(model, "qatgraph_freeze", None)
+    if controller is not None:
+        controller.add_float_weights(model)
+    log.info("qatgraph.calibrate: untraced code analysed on the first batch (%d quantizers shared, %d BatchNorms "
+             "folded, %d float weighted ops)", len(report.shared_quantizers), len(report.eager_folded),
+             len(report.eager_weighted))
+
+
+register_first_batch_hook(_untraced_pending, _analyse_untraced_on_first_batch)
 
 
 def _refuse_compiled(model: nn.Module) -> None:

@@ -7,12 +7,14 @@ import collections
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qatgraph
 from qatgraph import QatgraphError
 from qatgraph.backends.onnx import export_onnx
 from qatgraph.backends.parity import check_parity
+from qatgraph.graph.eager_ops import float_run
 from qatgraph.graph.folding import eager_foldable_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore::qatgraph.QatgraphWarning", "ignore::torch.jit.TracerWarning")
@@ -149,7 +151,7 @@ def test_without_example_inputs_bn_fold_happens_at_the_first_calibration_batch()
     x = torch.randn(4, 16, 8, 8)
     qatgraph.calibrate(qmodel, [(x, 0)], input_fn=lambda batch: batch[0], show_progress=False)
     assert qmodel.trace_report.eager_folded == ["bn"] and isinstance(qmodel.bn, nn.Identity)
-    with torch.no_grad(), qatgraph.graph.sharing.float_run(qmodel):
+    with torch.no_grad(), float_run(qmodel):
         torch.testing.assert_close(qmodel(x), model(x), rtol=1e-5, atol=1e-5)
 
 
@@ -158,3 +160,60 @@ def test_a_bad_first_batch_is_named_before_the_untraced_code_runs() -> None:
     with pytest.raises(QatgraphError, match="calibration batch 1 .* failed"):
         qatgraph.calibrate(qmodel, [torch.randn(4, 8, 7)], show_progress=False)
     assert qmodel.trace_report.untraced_pending
+
+
+class ScaledLinear(nn.Linear):
+    """A user subclass: op_kind leaves it alone (its forward is not nn.Linear's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) * 2
+
+
+class EagerFunctional(nn.Module):
+    """Weighted ops on parameters in a forward torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.randn(16, 16) * 0.2)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.scaled = ScaledLinear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if x.shape[-1] > 0:  # torch.fx cannot trace this
+            y = F.linear(y, self.w)
+            y = self.attn(y, y, y, need_weights=False)[0]
+        return self.scaled(y)
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_weighted_ops_of_untraced_code_are_float_rows_and_efqat_float_layers(example: bool) -> None:
+    x = torch.randn(2, 4, 16)
+    policy = {**FX, "freeze": {"mode": "lwpn", "ratio": 0.0, "float_layers": "freeze"}}
+    qmodel = qatgraph.compile(EagerFunctional(), policy, example_inputs=(x,) if example else None)
+    qatgraph.calibrate(qmodel, [torch.randn(2, 4, 16)], show_progress=False)
+    rows = {row.layer: row for row in qatgraph.summary(qmodel, print_table=False).rows}
+    assert {name: row.status for name, row in rows.items()} == {"fc": "INT", "w": "FP", "attn": "FP", "scaled": "FP"}
+    assert rows["attn"].type_name == "MultiheadAttention" and "nn.MultiheadAttention called from untraced code" \
+        in rows["attn"].reason and "test_eager_regions.py:" in rows["attn"].reason
+    assert "`y = F.linear(y, self.w)`" in rows["w"].reason and "make that forward traceable" in rows["w"].reason
+    assert all(rows[name].frozen == "float, weights frozen" for name in ("w", "attn", "scaled"))
+    assert not (qmodel.w.requires_grad or qmodel.attn.in_proj_weight.requires_grad or qmodel.scaled.weight.requires_grad)
+    assert "float weighted ops in untraced code" in qmodel.trace_report.describe()
+
+
+def test_a_traced_graph_gets_no_untraced_rows() -> None:
+    class Traced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 16))
+            self.leaf = EagerAttention(16)  # a leaf: its Linear layers are quantized module-wise
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.leaf(F.linear(x, self.w))
+
+    policy = {**FX, "tracing": {"frontend": "fx", "leaf_modules": ["EagerAttention"]}, "min_channels": 0}
+    qmodel = qatgraph.compile(Traced(), policy, example_inputs=(torch.randn(2, 4, 16),))
+    assert qmodel.trace_report.eager_layers and qmodel.trace_report.eager_weighted == []
+    assert [d.quantized for d in qmodel.qatgraph_info.layers if d.layer == "w"] == [True]

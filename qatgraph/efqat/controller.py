@@ -48,6 +48,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qatgraph.distributed import is_main_process, world_size
 from qatgraph.policy import FreezeConfig
+from qatgraph.graph.queries import parameter_display_name
 from qatgraph.quant.qmodules import CONV_TRANSPOSE_TYPES, QuantWeightMixin
 
 from . import functional
@@ -69,15 +70,9 @@ class FreezeController:
                        if isinstance(module, QuantWeightMixin) and module.weight.requires_grad]
         found, self.unmanaged = functional.find(model, {id(layer.weight) for layer in self.layers})
         self.layers += [_functional_layer(entry) for entry in found]
-        managed = {id(layer.weight) for layer in self.layers}
-        # weights left in floating point (Conv/Linear layers, functional ops): they train unless
-        # freeze.float_layers is "freeze"
-        self.float_layers = {name: weight for name, weight in _float_weights(model).items()
-                             if id(weight) not in managed and weight.requires_grad}
+        self.float_layers: dict[str, nn.Parameter] = {}
         self.freezes_float = config.float_layers == "freeze"
-        if self.freezes_float:
-            for weight in self.float_layers.values():
-                weight.requires_grad_(False)
+        self.add_float_weights(model)
         self.samples_since_refresh = 0
         self.refreshes = 0
         self.removed = False
@@ -85,6 +80,18 @@ class FreezeController:
         _CONTROLLERS.add(self)
         _install_global_hook()
         self.refresh()
+
+    def add_float_weights(self, model: nn.Module) -> None:
+        """Take in the weights left in floating point (Conv/Linear layers, functional ops, weighted
+        ops of untraced code): they train unless ``freeze.float_layers`` is "freeze". Called again
+        when the first calibration batch finds untraced code's ops (compile had no example inputs)."""
+        managed = {id(layer.weight) for layer in self.layers} | {id(w) for w in self.float_layers.values()}
+        new = {name: weight for name, weight in _float_weights(model).items()
+               if id(weight) not in managed and weight.requires_grad}
+        if self.freezes_float:
+            for weight in new.values():
+                weight.requires_grad_(False)
+        self.float_layers.update(new)
 
     # --------------------------------------------------------------- selection
     def refresh(self) -> None:
@@ -258,6 +265,11 @@ def _float_weights(model: nn.Module) -> dict[str, nn.Parameter]:
                and isinstance(getattr(module, "weight", None), nn.Parameter)
                and not isinstance(getattr(module, "weight_quantizer", None), nn.Module)}  # read functionally, quantized
     weights.update(functional.float_weights(model))
+    report = getattr(model, "trace_report", None)
+    for op in getattr(report, "eager_weighted", ()):  # weighted ops of untraced code (graph/eager_ops.py)
+        for qualified in op.parameters:
+            owner, _, local = qualified.rpartition(".")
+            weights.setdefault(parameter_display_name(owner, local), model.get_parameter(qualified))
     return weights
 
 

@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.overrides import handle_torch_function, has_torch_function
 
-from qatgraph.graph.queries import FUNCTIONAL_WEIGHTED, MATMUL_FUNCTIONS, MATMUL_METHODS, functional_weight_axis
+from qatgraph.graph.queries import (
+    FUNCTIONAL_WEIGHTED,
+    MATMUL_FUNCTIONS,
+    MATMUL_METHODS,
+    functional_weight_axis,
+    parameter_display_name,
+)
 from qatgraph.ops.partial_grad import masked_conv, masked_linear
 from qatgraph.quant.quantizer import FakeQuantizer
 
@@ -170,7 +176,7 @@ def find(model: nn.Module, taken: set[int]) -> tuple[list[FunctionalWeight], dic
             if not isinstance(weight, nn.Parameter) or id(weight) in taken or id(owner) not in module_names:
                 continue
             owner_name = module_names[id(owner)]
-            name = _display_name(owner_name, weight_name)
+            name = parameter_display_name(owner_name, weight_name)
             readers = {user for other in getters.get(str(getter.target), ()) for user in other.users}
             problem = None if readers == {node} else "its parameter also feeds an op outside the quantized one"
             sites = []
@@ -223,7 +229,7 @@ def float_weights(model: nn.Module) -> dict[str, nn.Parameter]:
             owner = region.get_submodule(owner_path) if owner_path else region
             weight = getattr(owner, weight_name, None)
             if isinstance(weight, nn.Parameter) and id(owner) in module_names:
-                weights[_display_name(module_names[id(owner)], weight_name)] = weight
+                weights[parameter_display_name(module_names[id(owner)], weight_name)] = weight
     return weights
 
 
@@ -231,14 +237,7 @@ def display_name_of_quantizer(quantizer_path: str) -> str:
     """The summary's name of the parameter whose weight quantizer would sit at ``quantizer_path``
     (:func:`~qatgraph.graph.annotations.weight_quantizer_path`), quantized or not."""
     owner, _, local = quantizer_path.rpartition(".")
-    return _display_name(owner, "weight" if local == "weight_quantizer" else local.removesuffix("_quantizer"))
-
-
-def _display_name(owner_name: str, weight_name: str) -> str:
-    """The summary's name of a functional op on a parameter: ``qkv`` for ``qkv.weight``,
-    ``self_attn.in_proj`` for ``self_attn.in_proj_weight``."""
-    qualified = f"{owner_name}.{weight_name}" if owner_name else weight_name
-    return qualified.removesuffix(".weight") if qualified.endswith(".weight") else qualified.removesuffix("_weight")
+    return parameter_display_name(owner, "weight" if local == "weight_quantizer" else local.removesuffix("_quantizer"))
 
 
 def _site(region: fx.GraphModule, quantized: fx.Node, user: fx.Node, weight: torch.Tensor) \

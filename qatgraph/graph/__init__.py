@@ -6,7 +6,10 @@
   :class:`~.mode_call.TrainingFlagCall`, modules that keep the mode of compile);
 * :mod:`.build` — which frontend builds compile's graph (``tracing.frontend: auto | fx | export``);
 * :mod:`.reload` — ``torch.load`` of a whole pickled compiled model refuses, saying how to persist it;
-* :mod:`.sharing` — one quantizer per tensor in untraced code; residual Adds it hides;
+* :mod:`.sharing` — one quantizer per tensor in untraced code; residual Adds it hides
+  (:func:`~.sharing.analyse_untraced`, on compile's example inputs or the first calibration batch);
+* :mod:`.eager_ops` — weighted ops untraced code runs on parameters (float summary rows, EfQAT
+  float layers); running the model with every quantizer off (``float_run``);
 * :mod:`.annotations` — the node metadata passes write (what gets quantized, where);
 * :mod:`.queries` — small questions about nodes (which module, weighted kind, residual chains);
 * :mod:`.folding` — BatchNorm folding into the preceding weighted layer (compile and export;

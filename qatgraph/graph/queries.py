@@ -171,3 +171,10 @@ def weighted_depth(gm: fx.GraphModule) -> dict[fx.Node, int]:
         inputs = [depth[n] for n in node.all_input_nodes if n in depth]
         depth[node] = max(inputs, default=0) + (1 if weighted_kind(gm, node) else 0)
     return depth
+
+
+def parameter_display_name(owner_name: str, weight_name: str) -> str:
+    """The summary's name of a functional op on a parameter: ``qkv`` for ``qkv.weight``,
+    ``self_attn.in_proj`` for ``self_attn.in_proj_weight``."""
+    qualified = f"{owner_name}.{weight_name}" if owner_name else weight_name
+    return qualified.removesuffix(".weight") if qualified.endswith(".weight") else qualified.removesuffix("_weight")

@@ -24,9 +24,6 @@ of ``qatgraph.calibrate`` (``TraceReport.untraced_pending``), before any range i
 from __future__ import annotations
 
 import logging
-import os
-import traceback
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,6 +32,7 @@ from torch import fx, nn
 from qatgraph.quant.qmodules import op_kind
 from qatgraph.quant.quantizer import FakeQuantizer
 
+from .eager_ops import eager_weighted_ops, float_run, user_line
 from .folding import fold_eager_batchnorm
 from .queries import BATCHNORM_TYPES
 
@@ -99,33 +97,15 @@ def analyse_untraced(model: nn.Module, report: Any, fold: bool, args: tuple,
     Adds it hides and (``fold``) its Conv-BN folds, recorded on the ``TraceReport`` ``report``."""
     report.shared_quantizers = share_input_quantizers(model, args, kwargs)
     report.eager_adds = eager_residual_adds(model, args, kwargs)
+    report.eager_weighted = eager_weighted_ops(model, args, kwargs)
     if fold:  # as the fuse pass does in the graphs
         with float_run(model):
             report.eager_folded = fold_eager_batchnorm(model, args, kwargs)
     report.untraced_pending = False
 
 
-@contextmanager
-def float_run(model: nn.Module):  # noqa: ANN202 - a context manager
-    """Eval mode, no grad, every quantizer passing values through (none is calibrated yet)."""
-    every = list({id(m): m for m in model.modules() if isinstance(m, FakeQuantizer)}.values())
-    enabled = [(q, q.is_enabled) for q in every]
-    was_training = model.training
-    model.eval()
-    try:
-        for quantizer in every:
-            quantizer.disable()
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-        for quantizer, on in enabled:
-            quantizer.enable(on)
-
-
 # ---------------------------------------------------------------------------- residual Adds in eager code
 _ADDS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
-_SKIPPED_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _AddWatcher(torch.overrides.TorchFunctionMode):
@@ -139,20 +119,10 @@ class _AddWatcher(torch.overrides.TorchFunctionMode):
             a, b = args[0], args[1]
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
                     a.is_floating_point() and a.dim() >= 2 and (id(a) in self.produced or id(b) in self.produced):
-                where = _user_line()
+                where = user_line()
                 if where is not None:
                     self.found.setdefault(where)
         return func(*args, **(kwargs or {}))
-
-
-def _user_line() -> str | None:
-    """``file:line `code``` of the innermost user frame, None inside a traced graph's code."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if frame.filename.startswith("<eval_with_key"):
-            return None
-        if not frame.filename.startswith(_SKIPPED_DIRS):
-            return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
-    return None
 
 
 def eager_residual_adds(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> list[str]:

@@ -59,6 +59,7 @@ class TraceReport:
     shared_quantizers: list[tuple[str, str]] = field(default_factory=list)  # (name, the quantizer it uses)
     eager_adds: list[str] = field(default_factory=list)  # source lines of residual Adds in untraced code
     eager_folded: list[str] = field(default_factory=list)  # BNs in untraced code folded at compile (bn: fold)
+    eager_weighted: list = field(default_factory=list)  # EagerWeightedOp: float weighted ops of untraced code
     mode_fixed: list[str] = field(default_factory=list)  # modules whose graph keeps the mode of compile
     mode_note: str = ""  # "traced in training mode" / "traced in eval mode"
     untraced_pending: bool = False  # untraced code not yet run: sharing/folding wait for the first calibration batch
@@ -79,6 +80,9 @@ class TraceReport:
             lines.append("  one quantizer per tensor: " + ", ".join(f"{a} is {b}" for a, b in self.shared_quantizers))
         if self.eager_folded:
             lines.append("  BatchNorm folded in untraced code (bn: fold): " + ", ".join(self.eager_folded))
+        if self.eager_weighted:
+            lines.append("  float weighted ops in untraced code (no graph to put Q/DQ in; make that forward traceable): "
+                         + "; ".join(f"{op.name} ({op.function}) at {op.where}" for op in self.eager_weighted))
         if self.untraced_pending:
             lines.append("  untraced code not run yet (compile got no example_inputs): one quantizer per tensor, the "
                          "BatchNorm fold (bn: fold) and the residual-Add check happen at the first batch of "

@@ -6,8 +6,8 @@ model fails on (wrong shape), naming the batch and what it held. Warns when the 
 batches than ``num_batches`` asked for.
 
 A model that ``compile`` traced only in part, without ``example_inputs``, has its untraced code
-analysed on the first batch, before any range is collected
-(:func:`~qatgraph.graph.sharing.analyse_untraced`: one quantizer per tensor, Conv-BN folds).
+analysed on the first batch, before any range is collected (one quantizer per tensor, Conv-BN
+folds: a hook qatgraph/pipeline.py registers with :func:`register_first_batch_hook`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from torch import nn
 
 from qatgraph.distributed import all_reduce, gather_failures, is_main_process, unwrap
 from qatgraph.errors import CalibrationError, QatgraphError, UsageError, plural, warn
-from qatgraph.graph.sharing import analyse_untraced
 from qatgraph.progress import progress
 
 from .calibration_merge import merge_across_processes
@@ -85,9 +84,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         raise CalibrationError(f"num_batches={num_batches}: use a positive number of batches (or None for all)")
     model = unwrap(model)
     check_compiled(model, "qatgraph.calibrate")
-    report = getattr(model, "trace_report", None)
-    if report is not None and report.untraced_pending:  # compile got no example_inputs
-        batches = _analyse_on_first_batch(model, report, batches, input_fn)
+    if any(wants(model) for wants, _ in FIRST_BATCH_HOOKS):  # e.g. compile had no example_inputs
+        batches = _run_first_batch_hooks(model, batches, input_fn)
     quantizers = [(n, q) for n, q in iter_quantizers(model) if q.is_enabled]
     activations = [(n, q) for n, q in quantizers if not q.is_weight]
     for name, quantizer in quantizers:
@@ -122,10 +120,20 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     return {name: float(q.amax().max()) for name, q in activations}
 
 
-def _analyse_on_first_batch(model: nn.Module, report: Any, batches: Iterable[Any],
-                            input_fn: Callable[[Any], Any] | None) -> Iterable[Any]:
-    """Run compile's analysis of untraced code (:func:`~qatgraph.graph.sharing.analyse_untraced`)
-    on the first batch; returns ``batches`` with that batch still first."""
+def register_first_batch_hook(wants: Callable[[nn.Module], bool],
+                              run: Callable[[nn.Module, tuple, dict[str, Any]], None]) -> None:
+    """Have ``calibrate`` call ``run(model, args, kwargs)`` on the first batch, before any range
+    is collected, when ``wants(model)``: compile uses it to analyse the untraced code of a model
+    it got no example inputs for (qatgraph/pipeline.py; this room knows nothing of graphs)."""
+    FIRST_BATCH_HOOKS.append((wants, run))
+
+
+FIRST_BATCH_HOOKS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, tuple, dict[str, Any]], None]]] = []
+
+
+def _run_first_batch_hooks(model: nn.Module, batches: Iterable[Any],
+                           input_fn: Callable[[Any], Any] | None) -> Iterable[Any]:
+    """Run the wanted first-batch hooks; returns ``batches`` with that batch still first."""
     total = _length(batches)
     stream = iter(batches)
     try:
@@ -136,15 +144,15 @@ def _analyse_on_first_batch(model: nn.Module, report: Any, batches: Iterable[Any
     _check_fits(model, batch, 1, input_fn is not None)
     args, kwargs = (((), batch) if isinstance(batch, dict) else
                     (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {}))
-    policy = getattr(getattr(model, "qatgraph_info", None), "policy", None)
-    try:
-        analyse_untraced(model, report, getattr(policy, "bn", None) == "fold", args, kwargs)
-    except QatgraphError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise _failed(batch, 1, exc) from exc
-    log.info("qatgraph.calibrate: untraced code analysed on the first batch (%d quantizers shared, %d BatchNorms "
-             "folded)", len(report.shared_quantizers), len(report.eager_folded))
+    for wants, run in FIRST_BATCH_HOOKS:
+        if not wants(model):
+            continue
+        try:
+            run(model, args, kwargs)
+        except QatgraphError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise _failed(batch, 1, exc) from exc
     rest = itertools.chain([first], stream)
     return _Sized(rest, total) if total is not None else rest
 
