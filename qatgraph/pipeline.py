@@ -39,7 +39,7 @@ from qatgraph.passes import (
     skip,
 )
 from qatgraph.policy import Policy
-from qatgraph.quant.calibrate import register_first_batch_hook
+from qatgraph.quant.first_batch import register_first_batch_hook
 from qatgraph.quant.qmodules import op_kind, quantize_module
 from qatgraph.quant.quantizer import FakeQuantizer
 from qatgraph.quant.state_checks import install_state_checks
@@ -128,18 +128,21 @@ def _untraced_pending(model: nn.Module) -> bool:
     return report is not None and report.untraced_pending
 
 
-def _analyse_untraced_on_first_batch(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+def _analyse_untraced_on_first_batch(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
     """What compile does with ``example_inputs`` for untraced code, done by ``qatgraph.calibrate``
-    on its first batch when compile had none."""
+    on its first batch when compile had none; returns what was found (the ranks must agree)."""
     report, info = model.trace_report, model.qatgraph_info
-    analyse_untraced(model, report, info.policy.bn == "fold", args, kwargs)
+    outcome = analyse_untraced(model, report, info.policy.bn == "fold", args, kwargs)
     info.layers += [LayerDecision.untraced(op) for op in report.eager_weighted]
     controller = getattr(model, "qatgraph_freeze", None)
     if controller is not None:
         controller.add_float_weights(model)
+        if report.eager_folded:  # the fold changed weights the controller snapshotted
+            controller.refresh()
     log.info("qatgraph.calibrate: untraced code analysed on the first batch (%d quantizers shared, %d BatchNorms "
              "folded, %d float weighted ops)", len(report.shared_quantizers), len(report.eager_folded),
              len(report.eager_weighted))
+    return outcome
 
 
 register_first_batch_hook(_untraced_pending, _analyse_untraced_on_first_batch)

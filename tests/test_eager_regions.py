@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_ranks import run_ranks
 from torch import nn
 
 import qatgraph
@@ -217,3 +218,99 @@ def test_a_traced_graph_gets_no_untraced_rows() -> None:
     qmodel = qatgraph.compile(Traced(), policy, example_inputs=(torch.randn(2, 4, 16),))
     assert qmodel.trace_report.eager_layers and qmodel.trace_report.eager_weighted == []
     assert [d.quantized for d in qmodel.qatgraph_info.layers if d.layer == "w"] == [True]
+
+
+class SeparateProjections(nn.Module):
+    """An nn.MultiheadAttention with separate q/k/v weights (kdim) and a parameter read transposed
+    and sliced, in a forward torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True, kdim=12, vdim=12)
+        self.w = nn.Parameter(torch.randn(24, 16) * 0.2)
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 0:  # torch.fx cannot trace this
+            x = self.attn(x, memory, memory, need_weights=False)[0]
+        return self.head(x @ self.w[:16].t())
+
+
+def test_untraced_ops_are_named_after_the_attention_module_and_seen_through_views() -> None:
+    policy = {**FX, "freeze": {"mode": "lwpn", "ratio": 0.0, "float_layers": "freeze"}}
+    qmodel = qatgraph.compile(SeparateProjections(), policy, example_inputs=(torch.randn(2, 4, 16), torch.randn(2, 5, 12)))
+    ops = {op.name: op for op in qmodel.trace_report.eager_weighted}
+    assert sorted(ops) == ["attn", "w"]
+    assert set(ops["attn"].parameters) >= {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
+                                           "attn.out_proj.weight"}
+    assert ops["w"].parameters == ["w"] and "`return self.head(x @ self.w[:16].t())`" in ops["w"].where
+    assert not qmodel.w.requires_grad and not qmodel.attn.q_proj_weight.requires_grad
+
+
+def test_efqat_snapshots_the_weights_the_first_batch_folded() -> None:
+    """EfQAT restores frozen rows from a snapshot: it must be of the folded weights, not of those
+    compile saw before the first calibration batch folded the BatchNorm into them."""
+    model = EagerConvBN(reuse=False).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    policy = {**FX, "bn": "fold", "freeze": {"mode": "cwpl", "ratio": 0.5}}
+    qmodel = qatgraph.compile(model, policy)
+    x = torch.randn(4, 16, 8, 8)
+    qatgraph.calibrate(qmodel, [x], show_progress=False)
+    folded = qmodel.conv.weight.detach().clone()
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.0)
+    qmodel.train()
+    qmodel(x).sum().backward()
+    optimizer.step()
+    torch.testing.assert_close(qmodel.conv.weight.detach(), folded, rtol=0, atol=0)
+
+
+def _first_batch_on_two_ranks(rank: int) -> dict[str, str]:
+    """Three calibrations of a model compiled without example inputs: a rank without a batch,
+    ranks whose batches take different paths, and ranks that agree."""
+    outcomes = {}
+    cases = {"no batch on rank 1": (EagerAttention, [torch.randn(4, 8, 32)] if rank == 0 else []),
+             "different paths": (DataDependent, [torch.full((2, 16), 1.0 if rank == 0 else -1.0)]),
+             "agree": (EagerAttention, [torch.randn(4, 8, 32)])}
+    for case, (build, batches) in cases.items():
+        torch.manual_seed(0)
+        qmodel = qatgraph.compile(build(), FX)
+        try:
+            qatgraph.calibrate(qmodel, batches, show_progress=False)
+            outcomes[case] = f"shared {len(qmodel.trace_report.shared_quantizers)}"
+        except qatgraph.QatgraphError as exc:
+            outcomes[case] = str(exc)
+    return outcomes
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if x.sum() > 0:  # torch.fx cannot trace this; the ranks' batches decide differently
+            y = F.linear(y, self.w)
+        return y
+
+
+def test_ranks_analyse_untraced_code_alike_or_stop_together() -> None:
+    rank0, rank1 = run_ranks(_first_batch_on_two_ranks)
+    for outcomes in (rank0, rank1):
+        assert "a rank got no calibration batch" in outcomes["no batch on rank 1"]
+        assert "took different paths through the model's untraced code" in outcomes["different paths"]
+        assert outcomes["agree"] == "shared 2"
+
+
+def test_state_of_a_model_folded_at_calibration_loads_into_one_folded_alike() -> None:
+    policy = {**FX, "bn": "fold"}
+    trained = qatgraph.compile(EagerConvBN(reuse=False).eval(), policy)
+    qatgraph.calibrate(trained, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    fresh = qatgraph.compile(EagerConvBN(reuse=False).eval(), policy)
+    with pytest.raises(qatgraph.StateMismatchError, match="compile it with example_inputs, or calibrate it"):
+        fresh.load_state_dict(trained.state_dict())
+    qatgraph.calibrate(fresh, [torch.randn(4, 16, 8, 8)], show_progress=False)
+    fresh.load_state_dict(trained.state_dict())

@@ -47,8 +47,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qatgraph.distributed import is_main_process, world_size
-from qatgraph.policy import FreezeConfig
 from qatgraph.graph.queries import parameter_display_name
+from qatgraph.policy import FreezeConfig
 from qatgraph.quant.qmodules import CONV_TRANSPOSE_TYPES, QuantWeightMixin
 
 from . import functional

@@ -10,9 +10,10 @@ It stays in floating point. :func:`eager_weighted_ops` finds such ops on one run
 ``qatgraph.summary`` with its source line and the fix, and EfQAT counts its parameters among the
 float layers (``freeze.float_layers``) instead of letting them train unseen.
 
-An op is reported when it reads, as an argument, a parameter of the model with two or more
-dimensions that is not the weight of a Conv/Linear module qatgraph quantizes module-wise (those
-have their own rows), and the innermost user frame calling it is not a traced graph's code.
+An op is reported when it reads a parameter of the model with two or more dimensions that is not
+the weight of a Conv/Linear module qatgraph quantizes module-wise (those have their own rows),
+directly or through a tensor computed from parameters alone (``self.w.t()``, ``self.w[:n]``,
+``self.w.to(torch.half)``), and the innermost user frame calling it is not a traced graph's code.
 """
 from __future__ import annotations
 
@@ -65,30 +66,55 @@ class _Watcher(torch.overrides.TorchFunctionMode):
         self.names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
         self.covered = {id(m.weight) for m in model.modules()
                         if op_kind(m) is not None and isinstance(getattr(m, "weight", None), torch.Tensor)}
-        self.owners = {id(p): module_name for module_name, module in model.named_modules()
-                       for p in module.parameters(recurse=False)}
+        self.attention_owner = {id(p): name for name, m in model.named_modules()
+                                if isinstance(m, nn.MultiheadAttention) for p in m.parameters()}
+        # tensors computed from parameters alone (``self.w.t()``, ``self.w[:n]``, ``self.w.to(dtype)``):
+        # id -> (the tensor, kept alive so that its id is not reused; the parameters it comes from)
+        self.derived: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self.found: dict[str, EagerWeightedOp] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        values = list(args) + list((kwargs or {}).values())
+        result = func(*args, **(kwargs or {}))
         kind = _KINDS.get(func)
         if kind is not None:
-            self._record(func, kind, list(args) + list((kwargs or {}).values()))
-        return func(*args, **(kwargs or {}))
+            self._record(func, kind, values)
+        else:
+            self._derive(values, result)
+        return result
+
+    def _roots(self, value: object) -> tuple[torch.Tensor, ...] | None:
+        """The parameters ``value`` is (or was computed from alone), None for anything else."""
+        if isinstance(value, nn.Parameter) and id(value) in self.names:
+            return (value,)
+        entry = self.derived.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is value else None
+
+    def _derive(self, values: list, result: object) -> None:
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        roots = [self._roots(t) for t in tensors]
+        if not tensors or any(r is None for r in roots):
+            return  # an activation takes part: not a weight computation
+        parameters = tuple({id(p): p for group in roots for p in group}.values())  # type: ignore[union-attr]
+        for output in (result if isinstance(result, (tuple, list)) else (result,)):
+            if isinstance(output, torch.Tensor):
+                self.derived[id(output)] = (output, parameters)
 
     def _record(self, func: Any, kind: str, values: list) -> None:
-        weights = [value for value in values if isinstance(value, nn.Parameter) and value.dim() >= 2
-                   and id(value) in self.names and id(value) not in self.covered]
+        weights = [p for value in values for p in (self._roots(value) or ())
+                   if p.dim() >= 2 and id(p) not in self.covered]
         if not weights:
             return
         where = user_line()
         if where is None:  # inside a traced graph: the graph passes see it
             return
-        parameters = [self.names[id(w)] for w in weights]
-        if kind == "attention":
-            name = self.owners[id(weights[0])]  # in_proj_weight / q_proj_weight live on the module
+        parameters = list(dict.fromkeys(self.names[id(w)] for w in weights))
+        owner = next((self.attention_owner[id(w)] for w in weights if id(w) in self.attention_owner), None)
+        if kind == "attention" and owner is not None:
+            name = owner  # the row of the module (in_proj_weight or q/k/v_proj_weight and out_proj.weight)
         else:
-            owner, _, local = parameters[0].rpartition(".")
-            name = parameter_display_name(owner, local)
+            module_name, _, local = parameters[0].rpartition(".")
+            name = parameter_display_name(module_name, local)
         function = getattr(func, "__name__", str(func))
         if func in FUNCTIONAL_WEIGHTED or func is F.multi_head_attention_forward:
             function = f"F.{function}"

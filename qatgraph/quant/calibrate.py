@@ -2,16 +2,15 @@
 
 Refuses, in one paragraph each: a model that was never compiled (it has no quantizer), batches
 that do not fit ``forward`` (e.g. ``(inputs, labels)`` pairs without ``input_fn``), and a batch the
-model fails on (wrong shape), naming the batch and what it held. Warns when the data held fewer
-batches than ``num_batches`` asked for.
+model fails on (wrong shape), naming the batch and what it held (:mod:`.batches`). Warns when the
+data held fewer batches than ``num_batches`` asked for.
 
 A model that ``compile`` traced only in part, without ``example_inputs``, has its untraced code
 analysed on the first batch, before any range is collected (one quantizer per tensor, Conv-BN
-folds: a hook qatgraph/pipeline.py registers with :func:`register_first_batch_hook`).
+folds: a hook qatgraph/pipeline.py registers, :mod:`.first_batch`).
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -21,42 +20,15 @@ import torch
 from torch import nn
 
 from qatgraph.distributed import all_reduce, gather_failures, is_main_process, unwrap
-from qatgraph.errors import CalibrationError, QatgraphError, UsageError, plural, warn
+from qatgraph.errors import CalibrationError, UsageError, plural, warn
 from qatgraph.progress import progress
 
+from .batches import model_device, run_checked
 from .calibration_merge import merge_across_processes
+from .first_batch import run_first_batch_hooks, wanted
 from .quantizer import FakeQuantizer, iter_quantizers
 
 log = logging.getLogger(__name__)
-
-
-def run_batch(model: nn.Module, batch: Any, device: torch.device | None) -> Any:
-    """Call ``model`` on one batch: a tensor, a tuple/list of forward's arguments, or a dict of kwargs."""
-    batch = _to_device(batch, device)
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, dict):
-        return model(**batch)
-    raise CalibrationError(f"a calibration batch must be a tensor, a tuple/list of tensors or a dict of keyword "
-                           f"arguments, not {type(batch).__name__}; use input_fn= to extract the inputs")
-
-
-def _to_device(batch: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def model_device(model: nn.Module) -> torch.device | None:
-    return next((p.device for p in model.parameters()), None)
 
 
 @torch.no_grad()
@@ -84,8 +56,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         raise CalibrationError(f"num_batches={num_batches}: use a positive number of batches (or None for all)")
     model = unwrap(model)
     check_compiled(model, "qatgraph.calibrate")
-    if any(wants(model) for wants, _ in FIRST_BATCH_HOOKS):  # e.g. compile had no example_inputs
-        batches = _run_first_batch_hooks(model, batches, input_fn)
+    total = num_batches if num_batches is not None else _length(batches)
+    hooks = wanted(model)
+    if hooks:  # e.g. compile had no example_inputs for the untraced code (first_batch.py)
+        batches = run_first_batch_hooks(model, hooks, batches, input_fn)
     quantizers = [(n, q) for n, q in iter_quantizers(model) if q.is_enabled]
     activations = [(n, q) for n, q in quantizers if not q.is_weight]
     for name, quantizer in quantizers:
@@ -100,7 +74,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     for _, quantizer in activations:
         quantizer.start_calibration()
     try:
-        local, seen = _collect(model, batches, num_batches, input_fn, device, show_progress)
+        local, seen = _collect(model, batches, num_batches, total, input_fn, device, show_progress)
         if seen == 0:
             raise CalibrationError("the calibration data yielded no batches: pass a non-empty iterable of input "
                                    "batches (e.g. a DataLoader or a list of tensors)")
@@ -120,64 +94,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     return {name: float(q.amax().max()) for name, q in activations}
 
 
-def register_first_batch_hook(wants: Callable[[nn.Module], bool],
-                              run: Callable[[nn.Module, tuple, dict[str, Any]], None]) -> None:
-    """Have ``calibrate`` call ``run(model, args, kwargs)`` on the first batch, before any range
-    is collected, when ``wants(model)``: compile uses it to analyse the untraced code of a model
-    it got no example inputs for (qatgraph/pipeline.py; this room knows nothing of graphs)."""
-    FIRST_BATCH_HOOKS.append((wants, run))
-
-
-FIRST_BATCH_HOOKS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, tuple, dict[str, Any]], None]]] = []
-
-
-def _run_first_batch_hooks(model: nn.Module, batches: Iterable[Any],
-                           input_fn: Callable[[Any], Any] | None) -> Iterable[Any]:
-    """Run the wanted first-batch hooks; returns ``batches`` with that batch still first."""
-    total = _length(batches)
-    stream = iter(batches)
-    try:
-        first = next(stream)
-    except StopIteration:
-        return []
-    batch = _to_device(input_fn(first) if input_fn is not None else first, model_device(model))
-    _check_fits(model, batch, 1, input_fn is not None)
-    args, kwargs = (((), batch) if isinstance(batch, dict) else
-                    (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {}))
-    for wants, run in FIRST_BATCH_HOOKS:
-        if not wants(model):
-            continue
-        try:
-            run(model, args, kwargs)
-        except QatgraphError:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise _failed(batch, 1, exc) from exc
-    rest = itertools.chain([first], stream)
-    return _Sized(rest, total) if total is not None else rest
-
-
-class _Sized:
-    """An iterator that still tells its length (for the progress bar)."""
-
-    def __init__(self, stream: Iterable[Any], length: int) -> None:
-        self.stream, self.length = stream, length
-
-    def __iter__(self):  # noqa: ANN204 - an iterator
-        return iter(self.stream)
-
-    def __len__(self) -> int:
-        return self.length
-
-
-def _collect(model: nn.Module, batches: Iterable[Any], num_batches: int | None,
+def _collect(model: nn.Module, batches: Iterable[Any], num_batches: int | None, total: int | None,
              input_fn: Callable[[Any], Any] | None, device: torch.device | None,
              show_progress: bool) -> tuple[int, int]:
     """Run the batches through the collecting model; returns (batches this rank ran, all ranks ran)."""
     seen, failure = 0, None
     try:
         stream = itertools.islice(batches, num_batches) if num_batches is not None else batches
-        total = num_batches if num_batches is not None else _length(batches)
         for item in progress(stream, total=total, desc="calibrating", unit="batch", enabled=show_progress):
             seen += 1
             run_checked(model, input_fn(item) if input_fn is not None else item, device, seen, input_fn is not None)
@@ -192,61 +115,6 @@ def check_compiled(model: nn.Module, caller: str) -> None:
     if not hasattr(model, "qatgraph_info") and not any(isinstance(m, FakeQuantizer) for m in model.modules()):
         raise UsageError(f"{caller}: {type(model).__name__} has no qatgraph quantizer, it was not compiled. Compile it "
                          "first: qmodel = qatgraph.compile(model, 'tensorrt', example_inputs=(x,)), then pass qmodel.")
-
-
-def _describe(batch: Any) -> str:
-    if isinstance(batch, torch.Tensor):
-        return f"a tensor of shape {tuple(batch.shape)}"
-    if isinstance(batch, (tuple, list)):
-        parts = [f"shape {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch]
-        return f"a {type(batch).__name__} of {plural(len(batch), 'item')} ({', '.join(parts)})"
-    if isinstance(batch, dict):
-        return f"a dict with keys {', '.join(map(str, batch))}"
-    return f"a {type(batch).__name__}"
-
-
-def _forward_accepts(model: nn.Module, batch: Any) -> str | None:
-    """Why ``model(batch)`` cannot bind to forward's parameters, or None when it can (or cannot be told)."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return None
-    try:
-        if isinstance(batch, dict):
-            signature.bind(**batch)
-        elif isinstance(batch, (tuple, list)):
-            signature.bind(*batch)
-        else:
-            signature.bind(batch)
-    except TypeError as exc:
-        return f"forward{signature} does not take it ({exc})"
-    return None
-
-
-def run_checked(model: nn.Module, batch: Any, device: torch.device | None, index: int, mapped: bool) -> Any:
-    """:func:`run_batch` with a one-paragraph error naming the batch when it does not fit the model."""
-    _check_fits(model, batch, index, mapped)
-    try:
-        return run_batch(model, batch, device)
-    except QatgraphError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise _failed(batch, index, exc) from exc
-
-
-def _check_fits(model: nn.Module, batch: Any, index: int, mapped: bool) -> None:
-    mismatch = _forward_accepts(model, batch)
-    if mismatch is not None:
-        hint = " If the batches are (inputs, labels) pairs, pass input_fn=lambda batch: batch[0]." \
-            if isinstance(batch, (tuple, list)) and not mapped else " Map each item to forward's arguments with input_fn."
-        raise CalibrationError(f"calibration batch {index} is {_describe(batch)}, but {mismatch}.{hint}")
-
-
-def _failed(batch: Any, index: int, exc: Exception) -> CalibrationError:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return CalibrationError(f"running the model on calibration batch {index} ({_describe(batch)}) failed: "
-                            f"{type(exc).__name__}: {first_line}. Check that the batches have the shape and dtype "
-                            "the model was compiled for (its example_inputs).")
 
 
 def _recalibrate_weight(model: nn.Module, name: str, quantizer: FakeQuantizer) -> None:

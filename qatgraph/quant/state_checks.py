@@ -100,7 +100,9 @@ def _explain(extra_quantizers: list[str], absent_quantizers: list[str], other_mi
         weights += f" and {len(other_unexpected)} key(s) of the state are not in this model"
         weights += f" ({listing(other_unexpected, 4)})" if other_unexpected else ""
         if any("running_" in k for k in other_missing + other_unexpected):
-            weights += " (BatchNorm keys: one model was compiled with bn: fold, the other with bn: train?)"
+            weights += (" (BatchNorm keys: one model was compiled with bn: fold, the other with bn: train? Or, with "
+                        "bn: fold, one folded the BatchNorms of its untraced code and this one has not yet: compile "
+                        "it with example_inputs, or calibrate it, before loading)")
         parts.append(weights)
     return ("this state does not fit the model: " + "; ".join(parts) + ". Nothing was loaded. The two were compiled "
             "with different policies (preset, skip list, overrides, bn) or from different models: compile this model "

@@ -18,7 +18,7 @@ from torch import nn
 from qatgraph.distributed import broadcast_object, is_main_process
 from qatgraph.errors import SensitivityError
 from qatgraph.info import CompileInfo
-from qatgraph.quant.calibrate import run_batch
+from qatgraph.quant.batches import run_batch
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ from torch import nn
 from qatgraph.distributed import unwrap
 from qatgraph.errors import SensitivityError, did_you_mean, plural, warn
 from qatgraph.policy import SensitivityConfig
-from qatgraph.quant.calibrate import model_device, run_batch
+from qatgraph.quant.batches import model_device, run_batch
 from qatgraph.quant.quantizer import FakeQuantizer, iter_quantizers
 
 from .data import (

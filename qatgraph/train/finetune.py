@@ -33,7 +33,7 @@ from torch import nn
 
 from qatgraph.errors import QatgraphError
 from qatgraph.progress import progress
-from qatgraph.quant.calibrate import _to_device, model_device
+from qatgraph.quant.batches import model_device, to_device
 from qatgraph.quant.quantizer import FakeQuantizer
 
 from .ddp import check_equal_steps, prepare
@@ -161,7 +161,7 @@ def finetune(qmodel: nn.Module, train_loader: Iterable[Any], loss_fn: Callable[[
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         for inputs, targets in progress(train_loader, total=steps_per_epoch, desc=f"QAT epoch {epoch + 1}/{epochs}",
                                         unit="step", enabled=show_progress):
-            inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(processes.model(inputs), targets)
             _backward_and_step(loss, qmodel, optimizer, quantizer_optimizer, scaler, config.grad_clip)
