@@ -1,4 +1,4 @@
-"""Tests for the test model zoo (tests/models.py).
+"""Tests for the test model zoo (tests/models.py, its blocks in tests/model_blocks.py).
 
 Checks, for every golden block and zoo network: output shape, a working backward pass that
 reaches every parameter, ``torch.fx.symbolic_trace`` reproducing the eager output exactly,

@@ -1,20 +1,19 @@
 """Tests for qatgraph.ops.partial_grad: EfQAT masked linear/conv ops.
 
-Reference: full autograd gradients of F.linear / F.conv*d with the frozen rows of dW zeroed.
-FLOP tests prove the weight-gradient work scales with the number of trainable rows.
+Reference: full autograd gradients of F.linear / F.conv*d with the frozen rows of dW zeroed
+(tests/partial_grad_cases.py), also under gradcheck, torch.compile, CPU autocast and on CUDA;
+argument validation. FLOP tests and the weight-gradient strategies:
+tests/test_partial_grad_flops_and_strategies.py.
 """
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from partial_grad_cases import check_conv, compare_grads, fresh_leaves, row_index
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from qatgraph.errors import QatgraphError
-from qatgraph.ops import partial_wgrad
 from qatgraph.ops.partial_grad import (
     check_row_index,
     masked_conv,
@@ -23,60 +22,12 @@ from qatgraph.ops.partial_grad import (
     partial_weight_grad_linear,
 )
 
-CONV_BY_DIM = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
-
-
-def _rows(spec, num_rows: int, seed: int = 0) -> torch.Tensor:
-    """'empty', 'full', an int k (k random rows) or an explicit list -> sorted int64 index."""
-    if spec == "empty":
-        return torch.zeros(0, dtype=torch.int64)
-    if spec == "full":
-        return torch.arange(num_rows)
-    if isinstance(spec, int):
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randperm(num_rows, generator=generator)[:spec].sort().values
-    return torch.tensor(spec, dtype=torch.int64)
-
-
-def _leaves(*tensors):
-    return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-
-
-def _compare(masked_fn, reference_fn, x, weight, bias, rows, atol=1e-5, rtol=1e-5):
-    """Run both functions on fresh leaves with the same upstream gradient and compare grads."""
-    xm, wm, bm = _leaves(x, weight, bias)
-    xr, wr, br = _leaves(x, weight, bias)
-    out_masked = masked_fn(xm, wm, bm, rows)
-    out_ref = reference_fn(xr, wr, br)
-    torch.testing.assert_close(out_masked, out_ref, atol=atol, rtol=rtol)
-    upstream = torch.randn_like(out_ref)
-    out_masked.backward(upstream)
-    out_ref.backward(upstream)
-    frozen = torch.ones(weight.shape[0], dtype=torch.bool)
-    frozen[rows] = False
-    expected_weight_grad = wr.grad.clone()
-    expected_weight_grad[frozen] = 0
-    torch.testing.assert_close(xm.grad, xr.grad, atol=atol, rtol=rtol)
-    torch.testing.assert_close(wm.grad, expected_weight_grad, atol=atol, rtol=rtol)
-    assert torch.count_nonzero(wm.grad[frozen]) == 0
-    if bias is not None:
-        torch.testing.assert_close(bm.grad, br.grad, atol=atol, rtol=rtol)
-
-
-def _check_conv(x_shape, weight_shape, rows_spec, stride=1, padding=0, dilation=1, groups=1, seed=0):
-    torch.manual_seed(seed)
-    x, weight, bias = torch.randn(x_shape), torch.randn(weight_shape), torch.randn(weight_shape[0])
-    rows = _rows(rows_spec, weight_shape[0], seed)
-    conv = CONV_BY_DIM[len(weight_shape)] if len(x_shape) == len(weight_shape) else F.conv2d
-    _compare(lambda xm, wm, bm, r: masked_conv(xm, wm, bm, r, stride, padding, dilation, groups),
-             lambda xr, wr, br: conv(xr, wr, br, stride, padding, dilation, groups), x, weight, bias, rows)
-
 
 # ------------------------------------------------------------------------------ conv gradients
 # 8 output channels, groups=2: <= 2 rows take the per-row-group path, more rows the group loop.
 @pytest.mark.parametrize("rows_spec", ["empty", "full", [5], [1, 6], [0, 1, 2, 3, 4], 3, 6])
 def test_conv2d_groups2_stride2_dilation2_padding1(rows_spec):
-    _check_conv((2, 6, 11, 10), (8, 3, 3, 3), rows_spec, stride=2, padding=1, dilation=2, groups=2)
+    check_conv((2, 6, 11, 10), (8, 3, 3, 3), rows_spec, stride=2, padding=1, dilation=2, groups=2)
 
 
 # 6 input channels, groups=6: plain depthwise (6 outputs) and channel multiplier 2 (12 outputs);
@@ -86,23 +37,23 @@ def test_conv2d_groups2_stride2_dilation2_padding1(rows_spec):
     (12, "empty"), (12, "full"), (12, [0, 1]), (12, 5), (12, 9),
 ])
 def test_depthwise_conv2d(out_channels, rows_spec):
-    _check_conv((2, 6, 7, 7), (out_channels, 1, 3, 3), rows_spec, padding=1, groups=6)
+    check_conv((2, 6, 7, 7), (out_channels, 1, 3, 3), rows_spec, padding=1, groups=6)
 
 
 @pytest.mark.parametrize("rows_spec", ["empty", "full", 1, 4])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_conv1d(rows_spec, groups):
-    _check_conv((3, 4, 13), (6, 4 // groups, 3), rows_spec, stride=2, padding=2, dilation=2, groups=groups)
+    check_conv((3, 4, 13), (6, 4 // groups, 3), rows_spec, stride=2, padding=2, dilation=2, groups=groups)
 
 
 @pytest.mark.parametrize("rows_spec", ["empty", "full", 1, 3])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_conv3d(rows_spec, groups):
-    _check_conv((2, 4, 5, 6, 5), (4, 4 // groups, 3, 2, 3), rows_spec, stride=(1, 2, 1), padding=1, groups=groups)
+    check_conv((2, 4, 5, 6, 5), (4, 4 // groups, 3, 2, 3), rows_spec, stride=(1, 2, 1), padding=1, groups=groups)
 
 
 def test_unbatched_conv2d_input():
-    _check_conv((4, 8, 8), (6, 4, 3, 3), [0, 4], padding=1)
+    check_conv((4, 8, 8), (6, 4, 3, 3), [0, 4], padding=1)
 
 
 def test_conv_without_bias_and_frozen_input():
@@ -121,7 +72,7 @@ def test_conv_without_bias_and_frozen_input():
 def test_linear(x_shape, rows_spec):
     torch.manual_seed(1)
     x, weight, bias = torch.randn(x_shape), torch.randn(10, 12), torch.randn(10)
-    _compare(masked_linear, F.linear, x, weight, bias, _rows(rows_spec, 10))
+    compare_grads(masked_linear, F.linear, x, weight, bias, row_index(rows_spec, 10))
 
 
 def test_partial_weight_grad_linear_is_compact():
@@ -173,82 +124,6 @@ def test_gradcheck_conv2d_float64(rows, one_thread):
     _gradcheck_through_trainable_rows(op, x, weight, bias, torch.tensor(rows))
 
 
-# -------------------------------------------------------------------------- FLOPs shrink with R
-def _backward_flops(forward, rows):
-    output = forward(rows)
-    with FlopCounterMode(display=False) as counter:
-        output.backward(torch.ones_like(output))
-    return counter.get_total_flops()
-
-
-def test_linear_backward_flops_scale_with_rows():
-    tokens, in_features, out_features = 64, 32, 48
-    x = torch.randn(tokens, in_features, requires_grad=True)
-    weight = torch.randn(out_features, in_features, requires_grad=True)
-    input_grad_flops = 2 * tokens * in_features * out_features
-    for num_rows in (0, 12, 48):
-        flops = _backward_flops(lambda r: masked_linear(x, weight, None, r), torch.arange(num_rows))
-        assert flops == input_grad_flops + 2 * tokens * num_rows * in_features
-    # A layer with no trainable rows and no input gradient runs no GEMM in backward at all.
-    frozen_input = x.detach()
-    assert _backward_flops(lambda r: masked_linear(frozen_input, weight, None, r), torch.arange(0)) == 0
-
-
-class _ExactConvWork(TorchDispatchMode):
-    """Counts multiply-adds x2 of aten.convolution_backward exactly, groups included.
-
-    FlopCounterMode's convolution_backward formula ignores ``groups`` for the weight gradient
-    (it charges C_in, not C_in/groups), so grouped layers would be over-counted. The opaque
-    group-loop op is expanded into its implementation so its aten calls are counted too.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.weight_grad = self.input_grad = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.qatgraph.conv_weight_grad_rows.default:
-            with self:
-                return partial_wgrad._conv_wgrad_group_loop(*args)
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.convolution_backward.default:
-            grad_out, weight, output_mask = args[0], args[2], args[10]
-            positions = grad_out.shape[0] * math.prod(grad_out.shape[2:])
-            self.input_grad += 2 * positions * math.prod(weight.shape) if output_mask[0] else 0
-            self.weight_grad += 2 * positions * math.prod(out[1].shape) if output_mask[1] else 0
-        return out
-
-
-@pytest.mark.parametrize("weight_shape,groups", [((16, 8, 3, 3), 1), ((16, 1, 3, 3), 16), ((16, 2, 3, 3), 4)])
-def test_conv_backward_work_scales_with_rows(weight_shape, groups):
-    x = torch.randn(2, weight_shape[1] * groups, 10, 10, requires_grad=True)
-    weight = torch.randn(weight_shape, requires_grad=True)
-    positions = 2 * 10 * 10
-    full_weight_grad = 2 * positions * math.prod(weight_shape)
-    for num_rows in (0, 2, 4, 8, 16):  # with groups=4, 8 rows > groups takes the opaque group-loop op
-        rows = torch.arange(0, 2 * num_rows, 2) if num_rows < 16 else torch.arange(16)
-        output = masked_conv(x, weight, None, rows, 1, 1, 1, groups)
-        with _ExactConvWork() as work:
-            output.backward(torch.ones_like(output))
-        assert work.input_grad == full_weight_grad  # dX costs what a full dW would
-        assert work.weight_grad == full_weight_grad * num_rows // 16
-
-
-def test_group_loop_implementation_flops_match_its_formula():
-    """The opaque op is counted by its registered formula; the real aten work must agree."""
-    grad_out, x = torch.randn(2, 16, 10, 10), torch.randn(2, 8, 10, 10)
-    rows = torch.tensor([0, 1, 2, 5, 9, 10, 11, 15])
-    args = ([16, 2, 3, 3], [1, 1], [1, 1], [1, 1], 4)
-    with FlopCounterMode(display=False) as implementation:
-        compact = partial_wgrad._conv_wgrad_group_loop(grad_out, x, rows, *args)
-    with FlopCounterMode(display=False) as formula:
-        torch.ops.qatgraph.conv_weight_grad_rows(grad_out, x, rows, *args)
-    assert implementation.get_total_flops() == formula.get_total_flops() > 0
-    full = torch.ops.aten.convolution_backward(grad_out, x, torch.empty(16, 2, 3, 3), None, [1, 1], [1, 1],
-                                               [1, 1], False, [0, 0], 4, [False, True, False])[1]
-    torch.testing.assert_close(compact, full[rows])
-
-
 # ----------------------------------------------------------------------------- torch.compile
 def _compiled_matches_eager(backend):
     cases = [
@@ -262,7 +137,7 @@ def _compiled_matches_eager(backend):
         for rows in row_lists:
             rows = torch.tensor(rows, dtype=torch.int64)
             tensors = [torch.randn(shape) for shape in shapes]
-            compiled_leaves, eager_leaves = _leaves(*tensors), _leaves(*tensors)
+            compiled_leaves, eager_leaves = fresh_leaves(*tensors), fresh_leaves(*tensors)
             compiled(*compiled_leaves, rows).square().sum().backward()
             function(*eager_leaves, rows).square().sum().backward()
             for got, want in zip(compiled_leaves, eager_leaves):
@@ -299,7 +174,7 @@ def test_autocast_cpu_follows_the_active_dtype(dtype):
     torch.manual_seed(2)
     x, weight, bias = torch.randn(6, 16), torch.randn(8, 16), torch.randn(8)
     rows = torch.tensor([0, 3, 4])
-    masked, reference = _leaves(x, weight, bias), _leaves(x, weight, bias)
+    masked, reference = fresh_leaves(x, weight, bias), fresh_leaves(x, weight, bias)
     with torch.autocast("cpu", dtype=dtype):
         out_masked = masked_linear(*masked, rows)
         out_ref = F.linear(*reference)
@@ -373,56 +248,9 @@ def test_cuda_linear_and_conv_match_reference(dtype):
     torch.manual_seed(3)
     tolerance = {"atol": 1e-2, "rtol": 1e-2} if dtype != torch.float32 else {"atol": 1e-3, "rtol": 1e-3}
     x, weight, bias = (t.cuda().to(dtype) for t in (torch.randn(4, 300, 96), torch.randn(200, 96), torch.randn(200)))
-    rows = _rows(37, 200).cuda()
-    _compare(masked_linear, F.linear, x, weight, bias, rows, **tolerance)
+    rows = row_index(37, 200).cuda()
+    compare_grads(masked_linear, F.linear, x, weight, bias, rows, **tolerance)
     x, weight = torch.randn(2, 8, 9, 9).cuda().to(dtype), torch.randn(8, 4, 3, 3).cuda().to(dtype)
-    _compare(lambda xm, wm, bm, r: masked_conv(xm, wm, bm, r, 2, 1, 2, 2),
-             lambda xr, wr, br: F.conv2d(xr, wr, br, 2, 1, 2, 2), x, weight, None, _rows(3, 8).cuda(), **tolerance)
-
-
-# ------------------------------------------------------------------------ weight-gradient strategies
-@pytest.fixture
-def strategy():
-    """Force a partial weight-gradient strategy for one test, then go back to measuring."""
-    yield partial_wgrad.force_strategy
-    partial_wgrad.force_strategy(None)
-
-
-@pytest.mark.parametrize("name", ["gather", "full"])
-def test_every_strategy_gives_the_masked_weight_gradient(strategy, name):
-    strategy(name)
-    torch.manual_seed(5)
-    x, weight, bias = torch.randn(3, 7, 12), torch.randn(9, 12), torch.randn(9)
-    _compare(masked_linear, F.linear, x, weight, bias, _rows(4, 9))
-    _check_conv((2, 8, 7, 7), (8, 2, 3, 3), [1, 2, 6], stride=2, padding=1, groups=4)
-    _check_conv((2, 6, 7, 7), (6, 6, 3, 3), 2, padding=1)
-
-
-def test_cpu_uses_gather_without_measuring(strategy):
-    strategy(None)
-    before = dict(partial_wgrad.chosen_strategies())
-    x = torch.randn(4, 8)
-    weight = torch.randn(6, 8, requires_grad=True)
-    masked_linear(x, weight, None, torch.tensor([1, 2])).sum().backward()
-    assert partial_wgrad.chosen_strategies() == before, "no timing on the CPU: FLOPs saved are what counts there"
-
-
-def test_unknown_strategy_is_rejected(monkeypatch):
-    monkeypatch.setattr(partial_wgrad, "_FORCED", partial_wgrad._UNSET)
-    monkeypatch.setenv("QATGRAPH_PARTIAL_WGRAD", "fastest")
-    with pytest.raises(QatgraphError, match="QATGRAPH_PARTIAL_WGRAD='fastest' is not one of auto, gather"):
-        partial_wgrad.forced_strategy()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_measured_choice_is_recorded_and_every_strategy_agrees(strategy, dtype):
-    torch.manual_seed(4)
-    tolerance = {"atol": 1e-2, "rtol": 1e-2} if dtype != torch.float32 else {"atol": 1e-3, "rtol": 1e-3}
-    x, weight, bias = (t.cuda().to(dtype) for t in (torch.randn(8, 512, 256), torch.randn(384, 256), torch.randn(384)))
-    rows = _rows(40, 384).cuda()
-    for name in (None, "gather", "full", "triton"):
-        strategy(name)
-        _compare(masked_linear, F.linear, x, weight, bias, rows, **tolerance)
-    assert any(key[0] == "linear" and key[2] == dtype for key in partial_wgrad.chosen_strategies())
+    compare_grads(lambda xm, wm, bm, r: masked_conv(xm, wm, bm, r, 2, 1, 2, 2),
+                  lambda xr, wr, br: F.conv2d(xr, wr, br, 2, 1, 2, 2), x, weight, None, row_index(3, 8).cuda(),
+                  **tolerance)

@@ -273,7 +273,7 @@ def test_loop_over_feature_maps_compiles_and_runs() -> None:
 
 
 # --------------------------------------------------------------------------- leaf modules
-@pytest.mark.parametrize("leaf", ["BasicBlock", "models.BasicBlock"])
+@pytest.mark.parametrize("leaf", ["BasicBlock", "model_blocks.BasicBlock"])
 def test_leaf_modules_by_class_name(leaf: str) -> None:
     model = BranchOnValues()
     compiled = qatgraph.compile(model, {"preset": "tensorrt", "tracing": {"leaf_modules": [leaf]}})
