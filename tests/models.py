@@ -151,6 +151,20 @@ class ViTLike(nn.Module):
         return self.head(x[:, 0])
 
 
+class UntraceableRoot(nn.Module):
+    """Data-dependent control flow at the root: compile traces only ``inner`` (a subclass names its
+    class as ``inner_class``), the root stays eager."""
+
+    inner_class: type[nn.Module]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = self.inner_class()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x if x.sum() > 0 else -x)
+
+
 def resnet18_like(num_classes: int = NUM_CLASSES, width: int = 16) -> ResNetLike:
     """ResNet-18-like network for 3x32x32 inputs (about 0.7M parameters at width 16)."""
     return ResNetLike(num_classes, width)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,15 +59,8 @@ class AttentionNet(nn.Module):
         return self.fc(self.attn(x, x, x, need_weights=False)[0]).mean(dim=1)
 
 
-class UntraceableRoot(nn.Module):
-    """Data-dependent control flow at the root: only ``inner`` is traced, the root stays eager."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = ConvNet()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x if x.sum() > 0 else -x)
+class UntraceableRoot(models.UntraceableRoot):
+    inner_class = ConvNet
 
 
 INPUTS = {ConvNet: (2, 3, 8, 8), TokenNet: (2, 6, 16), AttentionNet: (2, 6, 16), UntraceableRoot: (2, 3, 8, 8)}

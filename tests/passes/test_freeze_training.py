@@ -17,6 +17,7 @@ import copy
 import math
 import re
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,6 @@ from freeze_cases import (
     train_steps,
     trainable_mask,
 )
-from torch import nn
 
 import qatgraph
 from qatgraph.train.finetune import finetune
@@ -243,15 +243,8 @@ def test_finetune_with_a_freezing_policy_keeps_frozen_rows_identical():
     assert moved, "trainable rows train"
 
 
-class UntraceableRoot(nn.Module):
-    """Data-dependent control flow at the root: compile traces only ``inner``, the root stays eager."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = ConvNet()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x if x.sum() > 0 else -x)
+class UntraceableRoot(models.UntraceableRoot):
+    inner_class = ConvNet
 
 
 @pytest.mark.parametrize("model_class", [
