@@ -30,7 +30,10 @@ Guarantees:
 * ``out_proj`` (a ``NonDynamicallyQuantizableLinear``) becomes a plain ``nn.Linear`` sharing the
   same parameters, so it is quantized like any Linear;
 * a call that cannot be rewritten (``add_bias_kv``, ``add_zero_attn``, flags computed at run
-  time) stays one module; annotate then lists it in the summary, float, with this reason.
+  time) stays one module; annotate then lists it in the summary, float, with this reason;
+* the graph of one call that compile builds for an attention module called from untraced code
+  (qatgraph/graph/attention_calls.py, ``meta["qatgraph_attention_root"]``) gets the module's
+  parameters and children hoisted to its root, so its ``state_dict`` keys are the module's own.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from qatgraph.graph.attention_calls import ATTENTION_ROOT
 from qatgraph.passes import attention
 from qatgraph.policy import Policy
 
@@ -128,7 +132,18 @@ def _static_problem(module: nn.MultiheadAttention, args: dict) -> str | None:
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, module: nn.MultiheadAttention, args: dict) -> None:
     emit = attention._Emitter(gm.graph, node)
-    prefix, heads, embed = str(node.target), module.num_heads, module.embed_dim
+    heads, embed = module.num_heads, module.embed_dim
+    hoisted = gm.meta.get(ATTENTION_ROOT) == node.target  # the graph of one call (graph/attention_calls.py)
+    if hoisted:  # the module's parameters and children become the graph's own: state_dict keys unchanged
+        _plain_out_proj(module)
+        for name, value in module.named_parameters(recurse=False):
+            gm.register_parameter(name, value)
+        for name, child in module.named_children():
+            gm.add_module(name, child)
+    prefix = "" if hoisted else str(node.target)
+
+    def path(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
     inputs = [args["query"], args["key"], args["value"]]
     if not module.batch_first:
         transposed: dict[fx.Node, fx.Node] = {}
@@ -141,7 +156,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, module: nn.MultiheadAttention, a
         value = getattr(module, name)
         if value is None:
             return None
-        getter = emit("get_attr", f"{prefix}.{name}", (), name)
+        getter = emit("get_attr", path(name), (), name)
         getter.meta["tensor_meta"] = _extract_tensor_metadata(value)
         return getter
 
@@ -172,19 +187,21 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, module: nn.MultiheadAttention, a
     softmax = next(n for n in gm.graph.nodes if n.name == f"{sdpa.name}_softmax")
     pv = next(iter(softmax.users))
     if module.dropout > 0:
-        module.add_module("attention_dropout", nn.Dropout(module.dropout))
+        (gm if hoisted else module).add_module("attention_dropout", nn.Dropout(module.dropout))
         with gm.graph.inserting_after(softmax):
-            dropped = gm.graph.call_module(f"{prefix}.attention_dropout", (softmax,))
+            dropped = gm.graph.call_module(path("attention_dropout"), (softmax,))
         pv.replace_input_with(softmax, dropped)
     _plain_out_proj(module)
     merged = emit("call_method", "flatten", (emit("call_method", "transpose", (pv, 1, 2), "merge"), -2), "merged")
-    output = emit("call_module", f"{prefix}.out_proj", (merged,), "out_proj")
+    output = emit("call_module", path("out_proj"), (merged,), "out_proj")
     if not module.batch_first:
         output = emit("call_method", "transpose", (output, 0, 1), "output")
     weights = None
     if args["need_weights"]:
         weights = emit("call_method", "mean", (softmax, 1), "weights") if args["average_attn_weights"] else softmax
     _replace_outputs(gm, node, output, weights, emit)
+    if hoisted:
+        gm.delete_submodule(str(node.target))
 
 
 def _plain_out_proj(module: nn.MultiheadAttention) -> None:

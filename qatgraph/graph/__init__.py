@@ -8,6 +8,8 @@
 * :mod:`.reload` — ``torch.load`` of a whole pickled compiled model refuses, saying how to persist it;
 * :mod:`.sharing` — one quantizer per tensor in untraced code; residual Adds it hides
   (:func:`~.sharing.analyse_untraced`, on compile's example inputs or the first calibration batch);
+* :mod:`.attention_calls` — an ``nn.MultiheadAttention`` that untraced code calls one way becomes
+  a graph of that call (recorded on the example inputs), which the mha pass quantizes;
 * :mod:`.eager_ops` — weighted ops untraced code runs on parameters (float summary rows, EfQAT
   float layers); running the model with every quantizer off (``float_run``);
 * :mod:`.annotations` — the node metadata passes write (what gets quantized, where);

@@ -31,6 +31,7 @@ from torch.fx.graph import CodeGen
 from qatgraph.errors import TraceError, UsageError
 from qatgraph.policy import Policy
 
+from .attention_calls import record_attention_calls
 from .frontends import OutputStructure, dynamic_shapes_per_input, export_graph, quiet_dynamo
 from .tracing import TraceReport, describe_failure, trace_children, trace_module
 
@@ -88,7 +89,8 @@ def build_graph(model: nn.Module, policy: Policy, args: tuple | None,
     report.untraced.append(failure)  # the trace report lists it with the fix: no need to repeat it as a note
     report.frontend_notes.remove(fx_note)
     log.warning("qatgraph: cannot trace the whole model (%s); tracing its submodules instead", failure.reason)
-    trace_children(model, "", policy, report)
+    calls = record_attention_calls(model, args or (), kwargs) if have_examples else {}
+    trace_children(model, "", policy, report, attention_calls=calls)
     return model, report
 
 

@@ -2,9 +2,9 @@
 
 Partial tracing quantizes the Conv/Linear *modules* of untraced code module-wise, but an op
 written in that code on a parameter — ``F.linear(x, self.w)``, ``x @ self.proj``,
-``torch.einsum(..., self.w)``, an ``nn.MultiheadAttention`` the untraced forward calls (torch.fx
-keeps it one module there, and ``passes/mha.py`` rewrites it only inside a traced graph), a
-user subclass of ``nn.Linear`` whose own forward calls ``F.linear`` — has no graph node to annotate.
+``torch.einsum(..., self.w)``, an ``nn.MultiheadAttention`` the untraced forward calls that
+:mod:`.attention_calls` could not make a graph of (no example inputs, called several ways, named a
+leaf), a user subclass of ``nn.Linear`` whose own forward calls ``F.linear`` — has no graph node to annotate.
 It stays in floating point. :func:`eager_weighted_ops` finds such ops on one run of the model
 (compile's ``example_inputs``, or the first calibration batch) so that each gets a float row in
 ``qatgraph.summary`` with its source line and the fix, and EfQAT counts its parameters among the

@@ -24,6 +24,7 @@ from torch import nn
 from qatgraph.policy import Policy
 from qatgraph.quant.qmodules import op_kind
 
+from .attention_calls import attention_graph, convertible
 from .modes import follow_training_flags, keeps_mode_as_leaf, trace_both_modes
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,15 @@ class QatTracer(fx.Tracer):
         return self.mode_leaves[key]
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return self.named_leaf(module, qualified_name) or super().is_leaf_module(module, qualified_name) or \
+            self._keeps_mode(module)
+
+    def named_leaf(self, module: nn.Module, qualified_name: str) -> bool:
+        """Whether the policy's ``tracing.leaf_modules`` names the module or its class."""
         full_name = f"{self.prefix}.{qualified_name}" if self.prefix and qualified_name else qualified_name or self.prefix
         klass = type(module)
-        if full_name in self.extra_leaves or klass.__name__ in self.extra_leaves or \
-                f"{klass.__module__}.{klass.__qualname__}" in self.extra_leaves:
-            return True
-        return super().is_leaf_module(module, qualified_name) or self._keeps_mode(module)
+        return full_name in self.extra_leaves or klass.__name__ in self.extra_leaves or \
+            f"{klass.__module__}.{klass.__qualname__}" in self.extra_leaves
 
 
 def trace_module(module: nn.Module, policy: Policy, prefix: str = "",
@@ -167,16 +171,24 @@ def _drop_string_annotations(graph_module: fx.GraphModule) -> None:
 
 
 def trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport,
-                   mode_leaves: dict[int, bool] | None = None) -> None:
-    """Replace each traceable child of ``module`` (recursively) by its GraphModule."""
+                   mode_leaves: dict[int, bool] | None = None, attention_calls: dict[int, Any] | None = None) -> None:
+    """Replace each traceable child of ``module`` (recursively) by its GraphModule; an
+    ``nn.MultiheadAttention`` the example run called one way (``attention_calls``,
+    :mod:`.attention_calls`) by a graph of that call."""
     mode_leaves = {} if mode_leaves is None else mode_leaves
+    attention_calls = {} if attention_calls is None else attention_calls
     tracer_for_leaves = QatTracer(policy.tracing.leaf_modules, prefix, mode_leaves)
     for child_name, child in list(module.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
         if not _has_quantizable(child):
             continue
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and child_name not in policy.tracing.leaf_modules:
-            trace_children(child, name, policy, report, mode_leaves)  # containers have no forward of their own
+            trace_children(child, name, policy, report, mode_leaves, attention_calls)  # no forward of their own
+            continue
+        if isinstance(child, nn.MultiheadAttention) and not tracer_for_leaves.named_leaf(child, child_name) and \
+                convertible(child, attention_calls.get(id(child))):
+            setattr(module, child_name, attention_graph(child, name, attention_calls[id(child)]))
+            report.traced.append(name)
             continue
         if tracer_for_leaves.is_leaf_module(child, child_name):
             continue
@@ -184,7 +196,7 @@ def trace_children(module: nn.Module, prefix: str, policy: Policy, report: Trace
             traced = trace_module(child, policy, name, report=report, mode_leaves=mode_leaves)
         except Exception as exc:
             report.untraced.append(describe_failure(exc, child, name))
-            trace_children(child, name, policy, report, mode_leaves)
+            trace_children(child, name, policy, report, mode_leaves, attention_calls)
             continue
         setattr(module, child_name, traced)
         report.traced.append(name)
@@ -293,7 +305,8 @@ def _segments(graph: fx.Graph, names: list[str]) -> list[list[fx.Node]]:
 
 
 def _has_quantizable(module: nn.Module) -> bool:
-    return any(op_kind(m) is not None for m in module.modules())
+    """A Conv/Linear layer, or an nn.MultiheadAttention (whose GEMMs the mha pass exposes)."""
+    return any(op_kind(m) is not None or isinstance(m, nn.MultiheadAttention) for m in module.modules())
 
 
 def describe_failure(exc: BaseException, module: nn.Module, name: str) -> UntracedModule:
