@@ -37,7 +37,6 @@ Guarantees:
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import operator
 
@@ -46,13 +45,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from qatgraph.graph.attention_calls import ATTENTION_ROOT
+from qatgraph.errors import QatgraphError
+from qatgraph.graph.attention_calls import ATTENTION_ROOT, SIGNATURE, call_problem, module_problem
 from qatgraph.passes import attention
 from qatgraph.policy import Policy
 
 log = logging.getLogger(__name__)
 KEPT_WHOLE = "_qatgraph_kept_whole"
-_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
 # ---------------------------------------------------------------------------- run-time helpers
@@ -99,10 +98,13 @@ def run(gm: fx.GraphModule, policy: Policy | None = None) -> fx.GraphModule:
         module = gm.get_submodule(str(node.target))
         if not isinstance(module, nn.MultiheadAttention):
             continue
-        bound = _SIGNATURE.bind(module, *node.args, **node.kwargs)
+        bound = SIGNATURE.bind(module, *node.args, **node.kwargs)
         bound.apply_defaults()
         args = dict(bound.arguments)
         problem = _static_problem(module, args)
+        if problem and gm.meta.get(ATTENTION_ROOT) == node.target:  # graph/attention_calls.py checked it
+            raise QatgraphError(f"internal error: the attention call graph {gm.meta.get('qatgraph_prefix')!r} "
+                                f"cannot be rewritten ({problem}); please report this")
         if problem:
             module.__dict__[KEPT_WHOLE] = f"MultiheadAttention kept as one module ({problem}): its GEMMs stay float"
             log.warning("qatgraph: %s left as one module (its GEMMs stay in floating point): %s", node.name, problem)
@@ -118,24 +120,18 @@ def run(gm: fx.GraphModule, policy: Policy | None = None) -> fx.GraphModule:
 
 
 def _static_problem(module: nn.MultiheadAttention, args: dict) -> str | None:
-    if module.bias_k is not None or module.bias_v is not None:
-        return "add_bias_kv=True"
-    if module.add_zero_attn:
-        return "add_zero_attn=True"
     for name in ("need_weights", "average_attn_weights", "is_causal"):
         if isinstance(args[name], fx.Node):
             return f"{name} is computed at run time; pass a Python constant"
-    if args["attn_mask"] is None and args["is_causal"]:
-        return "is_causal=True without attn_mask, which MultiheadAttention rejects"
-    return None
+    return module_problem(module) or call_problem(bool(args["is_causal"]), args["attn_mask"] is not None)
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, module: nn.MultiheadAttention, args: dict) -> None:
     emit = attention._Emitter(gm.graph, node)
     heads, embed = module.num_heads, module.embed_dim
     hoisted = gm.meta.get(ATTENTION_ROOT) == node.target  # the graph of one call (graph/attention_calls.py)
+    _plain_out_proj(module)
     if hoisted:  # the module's parameters and children become the graph's own: state_dict keys unchanged
-        _plain_out_proj(module)
         for name, value in module.named_parameters(recurse=False):
             gm.register_parameter(name, value)
         for name, child in module.named_children():
@@ -191,7 +187,6 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, module: nn.MultiheadAttention, a
         with gm.graph.inserting_after(softmax):
             dropped = gm.graph.call_module(path("attention_dropout"), (softmax,))
         pv.replace_input_with(softmax, dropped)
-    _plain_out_proj(module)
     merged = emit("call_method", "flatten", (emit("call_method", "transpose", (pv, 1, 2), "merge"), -2), "merged")
     output = emit("call_module", path("out_proj"), (merged,), "out_proj")
     if not module.batch_first:

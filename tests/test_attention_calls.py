@@ -103,3 +103,57 @@ def test_attention_stays_one_float_module_when_it_cannot_be_one_call(why: str) -
     assert isinstance(qmodel.attn, nn.MultiheadAttention)
     rows = {row.layer: row for row in qatgraph.summary(qmodel, print_table=False).rows}
     assert rows["attn"].status == "FP" and "nn.MultiheadAttention called from untraced code" in rows["attn"].reason
+
+
+def test_a_call_that_depends_on_the_mode_keeps_the_module_float_and_trains() -> None:
+    class ModeDependent(UntracedCaller):
+        def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+            if x.shape[-1] > 0:  # torch.fx cannot trace this
+                out = self.attn(x, x, x, need_weights=not self.training)[0]
+            return self.head(out)
+
+    qmodel = qatgraph.compile(ModeDependent(True, False).train(), FX, example_inputs=_inputs()[:1])
+    assert isinstance(qmodel.attn, nn.MultiheadAttention)  # recorded in both modes: two calls
+    qatgraph.calibrate(qmodel, [_inputs(4, 1)[:1]], show_progress=False)
+    qmodel.train()(*_inputs()[:1]).sum().backward()
+
+
+def test_calls_the_graph_computes_alike_are_accepted() -> None:
+    """The example passed a separate key tensor and a boolean mask; the query as key and an
+    additive float mask are computed right too (compared with the float model)."""
+    torch.manual_seed(0)
+
+    class SeparateKey(UntracedCaller):
+        def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] > 0:  # torch.fx cannot trace this
+                out = self.attn(x, x.clone(), x.clone(), key_padding_mask=padding, need_weights=False)[0]
+            return self.head(out)
+
+    model = SeparateKey(True, False).eval()
+    qmodel = qatgraph.compile(model, FX, example_inputs=_inputs())
+    x, padding = _inputs()
+    additive = torch.zeros(padding.shape).masked_fill(padding, -1e4)
+    with float_run(qmodel):
+        got = qmodel.attn(x, x, x, key_padding_mask=additive, need_weights=False)[0]
+    torch.testing.assert_close(got, model.attn(x, x, x, key_padding_mask=additive, need_weights=False)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_an_attention_two_parents_hold_becomes_one_graph() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = UntracedCaller(True, False), UntracedCaller(True, False)
+            self.second.attn = self.first.attn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(self.first(x))
+
+    model = Shared().eval()
+    policy = {**FX, "freeze": {"mode": "cwpn", "ratio": 0.5}}  # EfQAT refuses a weight with two quantizers
+    qmodel = qatgraph.compile(model, policy, example_inputs=_inputs()[:1])
+    assert qmodel.first.attn is qmodel.second.attn and isinstance(qmodel.first.attn, fx.GraphModule)
+    assert sorted(layer.name for layer in qmodel.qatgraph_freeze.layers) == [
+        "first.attn.in_proj", "first.attn.out_proj", "first.head", "second.head"]  # the shared weights once
+    quantizers = {id(q) for name, q in qatgraph.iter_quantizers(qmodel) if name.endswith("in_proj_weight_quantizer")}
+    assert len(quantizers) == 1

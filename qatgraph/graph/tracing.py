@@ -171,24 +171,28 @@ def _drop_string_annotations(graph_module: fx.GraphModule) -> None:
 
 
 def trace_children(module: nn.Module, prefix: str, policy: Policy, report: TraceReport,
-                   mode_leaves: dict[int, bool] | None = None, attention_calls: dict[int, Any] | None = None) -> None:
+                   mode_leaves: dict[int, bool] | None = None, attention_calls: dict[str, Any] | None = None,
+                   attention_graphs: dict[int, fx.GraphModule] | None = None) -> None:
     """Replace each traceable child of ``module`` (recursively) by its GraphModule; an
-    ``nn.MultiheadAttention`` the example run called one way (``attention_calls``,
-    :mod:`.attention_calls`) by a graph of that call."""
+    ``nn.MultiheadAttention`` the example run called one way (``attention_calls``, by qualified
+    name: :mod:`.attention_calls`) by a graph of that call, one per module (``attention_graphs``)."""
     mode_leaves = {} if mode_leaves is None else mode_leaves
     attention_calls = {} if attention_calls is None else attention_calls
+    attention_graphs = {} if attention_graphs is None else attention_graphs
     tracer_for_leaves = QatTracer(policy.tracing.leaf_modules, prefix, mode_leaves)
     for child_name, child in list(module.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
         if not _has_quantizable(child):
             continue
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and child_name not in policy.tracing.leaf_modules:
-            trace_children(child, name, policy, report, mode_leaves, attention_calls)  # no forward of their own
+            trace_children(child, name, policy, report, mode_leaves, attention_calls, attention_graphs)  # no forward
             continue
         if isinstance(child, nn.MultiheadAttention) and not tracer_for_leaves.named_leaf(child, child_name) and \
-                convertible(child, attention_calls.get(id(child))):
-            setattr(module, child_name, attention_graph(child, name, attention_calls[id(child)]))
-            report.traced.append(name)
+                (id(child) in attention_graphs or convertible(child, attention_calls.get(name))):
+            if id(child) not in attention_graphs:  # a module two parents hold: one graph, held by both
+                attention_graphs[id(child)] = attention_graph(child, name, attention_calls[name])
+                report.traced.append(name)
+            setattr(module, child_name, attention_graphs[id(child)])
             continue
         if tracer_for_leaves.is_leaf_module(child, child_name):
             continue
@@ -196,7 +200,7 @@ def trace_children(module: nn.Module, prefix: str, policy: Policy, report: Trace
             traced = trace_module(child, policy, name, report=report, mode_leaves=mode_leaves)
         except Exception as exc:
             report.untraced.append(describe_failure(exc, child, name))
-            trace_children(child, name, policy, report, mode_leaves, attention_calls)
+            trace_children(child, name, policy, report, mode_leaves, attention_calls, attention_graphs)
             continue
         setattr(module, child_name, traced)
         report.traced.append(name)
