@@ -252,10 +252,12 @@ def _bind_placeholders(module: nn.Module, args: tuple, kwargs: dict) -> tuple | 
     """The call's arguments in placeholder order (None when keywords cannot be bound)."""
     if not kwargs:
         return tuple(args)
-    placeholders = [str(n.target) for n in module.graph.nodes if n.op == "placeholder"]  # type: ignore[union-attr]
+    nodes = [n for n in module.graph.nodes if n.op == "placeholder"]  # type: ignore[union-attr]
+    placeholders = [str(n.target) for n in nodes]
     if any(p.startswith("*") for p in placeholders):
         return None
-    values = dict(zip(placeholders, args))
+    values = {str(n.target): n.args[0] for n in nodes if n.args}  # defaults (graph/attention_calls.py)
+    values.update(zip(placeholders, args))
     values.update(kwargs)
     if set(values) - set(placeholders) or set(placeholders) - set(values):
         return None

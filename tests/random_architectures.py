@@ -5,7 +5,8 @@ pair). Some blocks torch.fx traces (a ResNet basic block, a depthwise-separable 
 cannot (torch.export can): their ``forward`` branches on a tensor's shape, around an
 ``nn.Sequential`` body they index (``self.body[0]``), iterate (``for layer in self.body``) or
 measure (``len(self.body)``), or ``nn.ModuleList`` branches they sum, with Conv-BN pairs and
-residual ``out + x`` / ``out += ...`` in the untraced code itself. ``build(seed)`` returns the
+residual ``out + x`` / ``out += ...`` in the untraced code itself, or an ``nn.MultiheadAttention``
+called from untraced code. ``build(seed)`` returns the
 model (eval mode, BatchNorm statistics randomized) and a description for failure messages.
 """
 from __future__ import annotations
@@ -118,8 +119,31 @@ class Branches(nn.Module):
         return outputs[0]
 
 
+class TokenAttention(nn.Module):
+    """Self-attention over the feature map's positions, called from untraced code, with a
+    residual: an ``nn.MultiheadAttention`` (``batch_first`` either way) inside a forward torch.fx
+    cannot trace, which compile makes a graph of the one call when it has example inputs."""
+
+    def __init__(self, channels: int, batch_first: bool = True) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(channels, 2, batch_first=batch_first)
+        self.batch_first = batch_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)  # (batch, positions, channels)
+        if not self.batch_first:
+            tokens = tokens.transpose(0, 1)
+        if always(x):
+            mixed = self.attn(tokens, tokens, tokens, need_weights=False)[0]
+        if not self.batch_first:
+            mixed = mixed.transpose(0, 1)
+        return x + mixed.transpose(1, 2).reshape(x.shape)
+
+
 BLOCKS = {"basic": BasicBlock, "separable": Separable, "indexed": IndexedBody, "iterated": IteratedBody,
-          "gated": GatedResidual, "branches": Branches}
+          "gated": GatedResidual, "branches": Branches, "attention": TokenAttention,
+          "attention_seq_first": lambda channels: TokenAttention(channels, batch_first=False)}
+ATTENTION_BLOCKS = ("attention", "attention_seq_first")
 
 
 class Net(nn.Module):

@@ -191,7 +191,7 @@ class EagerFunctional(nn.Module):
 @pytest.mark.parametrize("example", [True, False])
 def test_weighted_ops_of_untraced_code_are_float_rows_and_efqat_float_layers(example: bool) -> None:
     x = torch.randn(2, 4, 16)
-    policy = {**FX, "freeze": {"mode": "lwpn", "ratio": 0.0, "float_layers": "freeze"}}
+    policy = {**FX, "min_channels": 0, "freeze": {"mode": "lwpn", "ratio": 0.0, "float_layers": "freeze"}}
     qmodel = qatgraph.compile(EagerFunctional(), policy, example_inputs=(x,) if example else None)
     qatgraph.calibrate(qmodel, [torch.randn(2, 4, 16)], show_progress=False)
     rows = {row.layer: row for row in qatgraph.summary(qmodel, print_table=False).rows}

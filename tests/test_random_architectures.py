@@ -50,7 +50,16 @@ def test_random_architecture(seed: int, tmp_path) -> None:
     qatgraph.calibrate(qmodel, [ra.images(4, seed + 100), ra.images(4, seed + 200)], show_progress=False)
     summary = qatgraph.summary(qmodel, print_table=False)
     weighted = [name for name, module in model.named_modules() if op_kind(module) is not None]
-    assert sorted(row.layer for row in summary.rows) == sorted(weighted), where
+    for name, module in model.named_modules():  # quantized in its GEMMs, or one float row (graph/attention_calls.py)
+        if isinstance(module, torch.nn.MultiheadAttention):
+            weighted += [f"{name}.in_proj", f"{name}.out_proj"] if any(
+                row.layer == f"{name}.in_proj" for row in summary.rows) else [name]
+    decisions = qmodel.qatgraph_info.layers
+    assert sorted(d.layer for d in decisions if d.kind != "matmul") == sorted(weighted), where
+    assert sorted(row.layer for row in summary.rows) == sorted(d.layer for d in decisions), where
+    if with_examples:  # every attention GEMM is quantized or tiny, whichever frontend ran
+        assert all(d.quantized or d.reason.startswith("tiny layer") for d in decisions
+                   if d.kind in ("matmul", "attention")), f"{where}: {[(d.layer, d.reason) for d in decisions]}"
 
     path = str(tmp_path / "model.onnx")
     result = export_onnx(qmodel, path, x)
@@ -67,7 +76,7 @@ def test_random_architecture(seed: int, tmp_path) -> None:
 
 
 def _fx_traceable(description: str) -> bool:
-    return not any(name in description for name in ("indexed", "iterated", "gated", "branches"))
+    return not any(name in description for name in ("indexed", "iterated", "gated", "branches", "attention"))
 
 
 def test_traced_sequential_keeps_container_semantics() -> None:
