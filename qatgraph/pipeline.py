@@ -24,12 +24,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qatgraph.graph.annotations import op_annotation
-from qatgraph.graph.attention_calls import attention_graph, convertible, record_attention_calls
 from qatgraph.graph.build import build_graph
-from qatgraph.graph.eager_ops import float_run
 from qatgraph.graph.reload import mark_compiled
 from qatgraph.graph.sharing import analyse_untraced
-from qatgraph.graph.tracing import QatTracer
 from qatgraph.passes import (
     annotate,
     attention,
@@ -135,51 +132,17 @@ def _analyse_untraced_on_first_batch(model: nn.Module, args: tuple, kwargs: dict
     """What compile does with ``example_inputs`` for untraced code, done by ``qatgraph.calibrate``
     on its first batch when compile had none; returns what was found (the ranks must agree)."""
     report, info = model.trace_report, model.qatgraph_info
-    converted = _quantize_untraced_attention(model, info, args, kwargs)
     outcome = analyse_untraced(model, report, info.policy.bn == "fold", args, kwargs)
     info.layers += [LayerDecision.untraced(op) for op in report.eager_weighted]
     controller = getattr(model, "qatgraph_freeze", None)
-    if controller is not None and converted:  # new weighted ops for EfQAT to rank
-        freeze.apply(model, info.policy)
-    elif controller is not None:
+    if controller is not None:
         controller.add_float_weights(model)
         if report.eager_folded:  # the fold changed weights the controller snapshotted
             controller.refresh()
     log.info("qatgraph.calibrate: untraced code analysed on the first batch (%d quantizers shared, %d BatchNorms "
              "folded, %d float weighted ops)", len(report.shared_quantizers), len(report.eager_folded),
              len(report.eager_weighted))
-    return (converted, *outcome)
-
-
-def _quantize_untraced_attention(model: nn.Module, info: CompileInfo, args: tuple, kwargs: dict[str, Any]) -> list[str]:
-    """What build_graph does with example inputs for ``nn.MultiheadAttention`` that untraced code
-    calls (graph/attention_calls.py), on the first calibration batch: each becomes a graph of its
-    one call, run through the passes; returns their names."""
-    regions = [prefix for prefix, _ in _graph_regions(model)]
-    calls = record_attention_calls(model, args, kwargs)
-    leaves = QatTracer(info.policy.tracing.leaf_modules)
-    graphs: dict[int, fx.GraphModule] = {}
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            inside_graph = any(name.startswith(f"{prefix}.") or not prefix for prefix in regions)
-            if not isinstance(child, nn.MultiheadAttention) or inside_graph or leaves.named_leaf(child, name) or \
-                    not (id(child) in graphs or convertible(child, calls.get(name))):
-                continue
-            if id(child) not in graphs:
-                graphs[id(child)] = attention_graph(child, name, calls[name])
-            setattr(parent, child_name, graphs[id(child)])
-    converted = [(str(gm.meta["qatgraph_prefix"]), gm) for gm in graphs.values()]
-    if converted:
-        with float_run(model):  # the quantizers have no scale yet
-            _propagate_shapes(model, converted, args, kwargs, model)
-    for name, region in converted:
-        for _, graph_pass in PASSES:
-            graph_pass(region, info.policy)
-        info.layers += [LayerDecision.from_annotation(op_annotation(node), region, node) for node in region.graph.nodes
-                        if op_annotation(node) is not None]
-        info.trace_report.traced.append(name)
-    return [name for name, _ in converted]
+    return outcome
 
 
 register_first_batch_hook(_untraced_pending, _analyse_untraced_on_first_batch)

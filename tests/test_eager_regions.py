@@ -195,15 +195,17 @@ def test_weighted_ops_of_untraced_code_are_float_rows_and_efqat_float_layers(exa
     qmodel = qatgraph.compile(EagerFunctional(), policy, example_inputs=(x,) if example else None)
     qatgraph.calibrate(qmodel, [torch.randn(2, 4, 16)], show_progress=False)
     rows = {row.layer: row for row in qatgraph.summary(qmodel, print_table=False).rows}
-    # the attention the untraced code calls becomes a graph of that call, at compile or at the first
-    # calibration batch (test_attention_calls.py; its float row when it cannot: there too)
+    # with example inputs the attention the untraced code calls becomes a graph of that call (test_attention_calls.py)
     attention = {"attn.in_proj": "INT", "attn.mha_attention_qk": "INT", "attn.mha_attention_pv": "INT",
-                 "attn.out_proj": "INT"}
+                 "attn.out_proj": "INT"} if example else {"attn": "FP"}
     assert {name: row.status for name, row in rows.items()} == {"fc": "INT", "w": "FP", "scaled": "FP", **attention}
+    if not example:
+        assert rows["attn"].type_name == "MultiheadAttention" and "nn.MultiheadAttention called from untraced code" \
+            in rows["attn"].reason and "test_eager_regions.py:" in rows["attn"].reason
     assert "`y = F.linear(y, self.w)`" in rows["w"].reason and "make that forward traceable" in rows["w"].reason
-    assert all(rows[name].frozen == "float, weights frozen" for name in ("w", "scaled"))
+    assert all(rows[name].frozen == "float, weights frozen" for name in ("w", "scaled", *(() if example else ("attn",))))
     assert not (qmodel.w.requires_grad or qmodel.scaled.weight.requires_grad)
-    assert "attn.in_proj" in {layer.name for layer in qmodel.qatgraph_freeze.layers}  # quantized: an EfQAT layer
+    assert ("attn.in_proj" in qmodel.qatgraph_freeze.float_layers) != example  # quantized: an EfQAT layer
     assert "float weighted ops in untraced code" in qmodel.trace_report.describe()
 
 
@@ -240,9 +242,8 @@ class SeparateProjections(nn.Module):
 
 
 def test_untraced_ops_are_named_after_the_attention_module_and_seen_through_views() -> None:
-    policy = {**FX, "tracing": {"frontend": "fx", "leaf_modules": ["attn"]},  # the attention stays one module
-              "freeze": {"mode": "lwpn", "ratio": 0.0, "float_layers": "freeze"}}
-    qmodel = qatgraph.compile(SeparateProjections(), policy)
+    policy = {**FX, "freeze": {"mode": "lwpn", "ratio": 0.0, "float_layers": "freeze"}}
+    qmodel = qatgraph.compile(SeparateProjections(), policy)  # without example inputs the attention stays a module
     qatgraph.calibrate(qmodel, [(torch.randn(2, 4, 16), torch.randn(2, 5, 12))], show_progress=False)
     ops = {op.name: op for op in qmodel.trace_report.eager_weighted}
     assert sorted(ops) == ["attn", "w"]

@@ -2,18 +2,18 @@
 
 torch.fx keeps ``nn.MultiheadAttention`` as one call (it lives in ``torch.nn``); in a traced graph
 ``passes/mha.py`` rewrites that call into its projections and attention GEMMs, which get Q/DQ. When
-partial tracing leaves the *caller* untraced, there is no graph around the call. On compile's
-example inputs (without them, on the first batch of ``qatgraph.calibrate``: qatgraph/pipeline.py),
-the untraced code's calls of each attention module are recorded
+partial tracing leaves the *caller* untraced, there is no graph around the call. With example
+inputs, compile records how the untraced code calls each attention module
 (:func:`record_attention_calls`: which masks it passes, ``need_weights``,
 ``average_attn_weights``, ``is_causal``, whether query, key and value are one tensor) and, for a
-module always called the same way, a one-call graph (:func:`attention_graph`) replaces the module. The mha pass then rewrites it like any other, with the module's own parameters hoisted
+module always called the same way, builds a one-call graph (:func:`attention_graph`) that replaces
+the module. The mha pass then rewrites it like any other, with the module's own parameters hoisted
 to the graph's root, so the ``state_dict`` keys stay those of the float model.
 
 The example runs in eval and in training mode (a call may depend on ``self.training``); BatchNorm
 statistics and the random stream are put back after the training-mode run. The graph
 computes that one way of calling. A later call it would compute wrongly (another flag, a mask that
-was not there, or a separate key where the example passed the query again) raises
+was not there, or the query passed again as key where the example passed a separate tensor) raises
 a :class:`~qatgraph.errors.UsageError` naming the module, what changed and the fix, rather than
 computing something else. Modules called in several ways, never called on the example, with
 ``add_bias_kv``/``add_zero_attn``, or named in ``tracing.leaf_modules`` stay one float module, with a
@@ -65,7 +65,7 @@ def record_attention_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any]
     try:
         with float_run(model):
             _run_recording(model, args, kwargs, calls)
-        with float_run(model), _training_run(model):  # quantizers off (perhaps not calibrated yet)
+        with _training_run(model):
             _run_recording(model, args, kwargs, calls)
     except Exception:  # noqa: BLE001 - compile's own example run reports a failing input, in words
         return {}
