@@ -4,6 +4,8 @@ quantizes like a traced attention; the state_dict keys, the float function, the 
 Runtime parity are those of a traced attention, and a call made differently is refused in words."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import fx, nn
@@ -33,6 +35,7 @@ class UntracedCaller(nn.Module):
         tokens = x if self.batch_first else x.transpose(0, 1)
         if x.shape[-1] > 0:  # torch.fx cannot trace this
             key = tokens if memory is None else memory if self.batch_first else memory.transpose(0, 1)
+            assert tokens.shape[-1] == self.attn.embed_dim and self.attn.batch_first == self.batch_first  # read back
             out, weights = self.attn(tokens, key, key, key_padding_mask=padding, need_weights=self.need_weights)
         out = out if self.batch_first else out.transpose(0, 1)
         y = self.head(self.norm(out + x))
@@ -61,6 +64,7 @@ def test_untraced_attention_call_is_quantized_and_matches_onnx_runtime(case: str
     example = _inputs(masks=masks, cross=cross)
     qmodel = qatgraph.compile(model, FX, example_inputs=example)
     assert isinstance(qmodel.attn, fx.GraphModule) and "attn" in qmodel.trace_report.traced
+    assert copy.deepcopy(qmodel).attn.batch_first == batch_first  # the module's attributes, copies included
     assert [key for key in qmodel.state_dict() if not key.rpartition(".")[0].endswith("_quantizer")
             and "quantizers." not in key] == list(model.state_dict())  # the float model's keys, in order
     with float_run(qmodel):

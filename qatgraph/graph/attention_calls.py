@@ -7,13 +7,15 @@ inputs, compile records how the untraced code calls each attention module
 (:func:`record_attention_calls`: which masks it passes, ``need_weights``,
 ``average_attn_weights``, ``is_causal``, whether query, key and value are one tensor) and, for a
 module always called the same way, builds a one-call graph (:func:`attention_graph`) that replaces
-the module. The mha pass then rewrites it like any other, with the module's own parameters hoisted
-to the graph's root, so the ``state_dict`` keys stay those of the float model.
+the module; without example inputs it stays one float module. The mha pass then rewrites the
+graph like any other, with the module's own parameters hoisted to the graph's root, so the
+``state_dict`` keys stay those of the float model. The graph keeps the module's plain attributes
+(``embed_dim``, ``num_heads``, ``batch_first``, ...) for the untraced code that reads them.
 
 The example runs in eval and in training mode (a call may depend on ``self.training``); BatchNorm
 statistics and the random stream are put back after the training-mode run. The graph
 computes that one way of calling. A later call it would compute wrongly (another flag, a mask that
-was not there, or the query passed again as key where the example passed a separate tensor) raises
+was not there, or a separate key where the example passed the query again) raises
 a :class:`~qatgraph.errors.UsageError` naming the module, what changed and the fix, rather than
 computing something else. Modules called in several ways, never called on the example, with
 ``add_bias_kv``/``add_zero_attn``, or named in ``tracing.leaf_modules`` stay one float module, with a
@@ -171,4 +173,13 @@ def attention_graph(module: nn.MultiheadAttention, name: str, pattern: dict) -> 
     graph_module.meta["qatgraph_prefix"] = name
     graph_module.meta[ATTENTION_ROOT] = "attention"
     graph_module.train(module.training)
+    kept = {attribute: getattr(module, attribute) for attribute in _ATTRIBUTES}  # what untraced code may read
+    for attribute, value in kept.items():
+        setattr(graph_module, attribute, value)
+    graph_module.meta[_PRESERVED] = kept  # GraphModule.__deepcopy__ sets these again on the copy
     return graph_module
+
+
+_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+_ATTRIBUTES = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "head_dim", "dropout", "batch_first",
+               "add_zero_attn")
