@@ -104,8 +104,7 @@ def compile(model: nn.Module, policy: Policy | str | dict | None = "tensorrt",
     decisions += _quantize_eager_layers(root, regions, policy, report)
     if not report.fully_traced or report.eager_layers:  # untraced code, or leaf modules' layers
         if example_args is not None or example_kwargs:
-            analyse_untraced(root, report, policy.bn == "fold", example_args or (), example_kwargs)
-            decisions += [LayerDecision.untraced(op) for op in report.eager_weighted]
+            decisions += _analyse_untraced(root, report, policy, example_args or (), example_kwargs)
         else:
             report.untraced_pending = True  # qatgraph.calibrate runs it on its first batch
     policy.check_rules_match(list(original_types) + list(matmul_layers), {**original_types, **matmul_layers})
@@ -132,8 +131,7 @@ def _analyse_untraced_on_first_batch(model: nn.Module, args: tuple, kwargs: dict
     """What compile does with ``example_inputs`` for untraced code, done by ``qatgraph.calibrate``
     on its first batch when compile had none; returns what was found (the ranks must agree)."""
     report, info = model.trace_report, model.qatgraph_info
-    outcome = analyse_untraced(model, report, info.policy.bn == "fold", args, kwargs)
-    info.layers += [LayerDecision.untraced(op) for op in report.eager_weighted]
+    info.layers += _analyse_untraced(model, report, info.policy, args, kwargs)
     controller = getattr(model, "qatgraph_freeze", None)
     if controller is not None:
         controller.add_float_weights(model)
@@ -142,7 +140,15 @@ def _analyse_untraced_on_first_batch(model: nn.Module, args: tuple, kwargs: dict
     log.info("qatgraph.calibrate: untraced code analysed on the first batch (%d quantizers shared, %d BatchNorms "
              "folded, %d float weighted ops)", len(report.shared_quantizers), len(report.eager_folded),
              len(report.eager_weighted))
-    return outcome
+    return (report.eager_adds, [op.name for op in report.eager_weighted], report.shared_quantizers,
+            report.eager_folded)
+
+
+def _analyse_untraced(model: nn.Module, report: Any, policy: Policy, args: tuple,
+                      kwargs: dict[str, Any]) -> list[LayerDecision]:
+    """graph/sharing.py's analysis of untraced code; returns the float rows of the weighted ops it found."""
+    analyse_untraced(model, report, policy.bn == "fold", args, kwargs)
+    return [LayerDecision.untraced(op) for op in report.eager_weighted]
 
 
 register_first_batch_hook(_untraced_pending, _analyse_untraced_on_first_batch)

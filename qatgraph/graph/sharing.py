@@ -92,13 +92,12 @@ def share_input_quantizers(model: nn.Module, args: tuple, kwargs: dict[str, Any]
 
 
 def analyse_untraced(model: nn.Module, report: Any, fold: bool, args: tuple,
-                     kwargs: dict[str, Any] | None = None) -> tuple:
+                     kwargs: dict[str, Any] | None = None) -> None:
     """Run the untraced code on ``args``/``kwargs`` (one forward per analysis): the residual Adds
     and float weighted ops it hides, one quantizer per tensor and (``fold``) its Conv-BN folds,
     recorded on the ``TraceReport`` ``report``. The read-only analyses run first; the two that
     change the model extend the report as each succeeds, so a failure leaves the report true
-    and a second call only adds what the first did not do. Returns what was found (comparable
-    across processes)."""
+    and a second call only adds what the first did not do."""
     report.eager_adds = eager_residual_adds(model, args, kwargs)
     report.eager_weighted = eager_weighted_ops(model, args, kwargs)
     report.shared_quantizers += share_input_quantizers(model, args, kwargs)
@@ -106,8 +105,6 @@ def analyse_untraced(model: nn.Module, report: Any, fold: bool, args: tuple,
         with float_run(model):
             report.eager_folded += fold_eager_batchnorm(model, args, kwargs)
     report.untraced_pending = False
-    return (report.eager_adds, [op.name for op in report.eager_weighted], report.shared_quantizers,
-            report.eager_folded)
 
 
 # ---------------------------------------------------------------------------- residual Adds in eager code
